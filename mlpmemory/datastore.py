@@ -15,13 +15,14 @@ Layout of a datastore directory (all raw little-endian arrays, C order, no pickl
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MLPMemError
-from .manifest import check_file_size, read_manifest, write_manifest
+from .manifest import check_fields, check_file_size, read_manifest, write_manifest
 
 KEYS = "keys.f16"
 VALUES = "values.i32"
@@ -106,3 +107,129 @@ def write_datastore_arrays(path: str | os.PathLike, keys: np.ndarray, values: np
         fields["arrays"].append("lm_logprob")
     write_manifest(path, fields)
     return open_datastore(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building: stream windows through the frozen LM, write rows with positional writes, resume.
+# ---------------------------------------------------------------------------------------------
+
+PROGRESS = "progress.json"
+
+
+def read_tokens(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
+    """Tokens [start, stop) of a raw int32 stream, read with a plain positional read.
+
+    A memmap would be simpler, but every page it touches stays in the process's resident set:
+    over a long build that is RAM growing with the corpus, which this stage must not do.
+    """
+    count = stop - start
+    with open(path, "rb") as f:
+        f.seek(start * 4)
+        buf = f.read(count * 4)
+    if len(buf) != count * 4:
+        raise MLPMemError(f"{path} is shorter than its manifest says (wanted tokens {start}..{stop}); rebuild the corpus stage")
+    return np.frombuffer(buf, dtype=np.int32)
+
+
+def _preallocate(path: Path, nbytes: int) -> None:
+    with open(path, "ab") as f:
+        f.truncate(nbytes)
+
+
+def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: str | os.PathLike, *,
+                    key_site: str = "last", mem_site: str | None = "0.7", block: int = 1024, stride: int = 512,
+                    batch_size: int = 8, store_lm_logprob: bool = False, identity: dict | None = None,
+                    progress: bool = True) -> dict:
+    """Build (or finish, or verify) the datastore of one token stream.
+
+    ``lm`` is a :class:`mlpmemory.models.LoadedModel`. ``identity`` holds what else must match
+    for an existing datastore to be reused (corpus fingerprint, split ...). Re-running a complete
+    datastore with the same settings is a no-op; an interrupted one continues from the last
+    durable batch and ends byte-identical to an uninterrupted build (same batch composition, same
+    kernels).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .capture import capture_inputs, resolve_site, run_captured
+    from .corpus import sliding_windows
+    from .manifest import atomic_write_json, is_complete, read_json
+
+    out = Path(out_dir)
+    model = lm.model
+    ksite = resolve_site(model, key_site)
+    msite = resolve_site(model, mem_site) if mem_site is not None else None
+    sites = [ksite] + ([msite] if msite is not None else [])
+    windows = sliding_windows(n_tokens, block, stride)
+    n = max(0, n_tokens - 1)
+    if n == 0:
+        raise MLPMemError(f"cannot build a datastore from {n_tokens} token(s): the corpus split is empty")
+    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    arrays = ["keys", "values"] + (["mem_inputs"] if msite else []) + (["lm_logprob"] if store_lm_logprob else [])
+    settings = {
+        "model": lm.name, "model_fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+        "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None, "dtype": str(lm.dtype).replace("torch.", ""),
+        "key_dtype": "float16", "block": block, "stride": stride, "batch_size": batch_size, "n": n, "n_tokens": n_tokens,
+        "dim": hidden, "mem_dim": hidden if msite else None, "arrays": arrays, **(identity or {}),
+    }
+    identity_keys = [k for k in settings if k != "batch_size"]
+
+    if is_complete(out):
+        found = read_json(out / "manifest.json")
+        check_fields(found, settings, identity_keys, f"datastore {out}")
+        open_datastore(out)  # size checks
+        return found
+
+    out.mkdir(parents=True, exist_ok=True)
+    start_batch = 0
+    if (out / PROGRESS).exists():
+        prog = read_json(out / PROGRESS)
+        if prog.get("settings") == settings:
+            start_batch = int(prog["batches_done"])
+        else:
+            print(f"[mlpmemory] {out}: settings changed since the interrupted build; starting over", file=sys.stderr)
+    files = {}
+    for name in arrays:
+        fname, dtype, width = ARRAYS[name]
+        row_bytes = np.dtype(dtype).itemsize * (settings[width] if width else 1)
+        _preallocate(out / fname, n * row_bytes)
+        files[name] = (os.open(out / fname, os.O_WRONLY), row_bytes)
+
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    bar = tqdm(total=n, initial=sum(w.n_rows for b in batches[:start_batch] for w in b), unit="tok",
+               desc=f"datastore {out.name}", disable=not progress, smoothing=0.05)
+    forward = model if store_lm_logprob else model.base_model
+    try:
+        for bi in range(start_batch, len(batches)):
+            batch = batches[bi]
+            ids = np.stack([read_tokens(token_path, w.begin, w.end) for w in batch]).astype(np.int64)
+            input_ids = torch.from_numpy(ids).to(lm.device)
+            with torch.inference_mode(), capture_inputs(model, sites, stop_early=not store_lm_logprob) as cap:
+                result = run_captured(forward, input_ids=input_ids, use_cache=False)
+            rows = {name: [] for name in arrays}
+            for wi, w in enumerate(batch):
+                pos = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)
+                rows["keys"].append(cap[ksite.module_path][wi, pos].to(torch.float16).cpu().numpy())
+                rows["values"].append(ids[wi, w.first_target - w.begin: w.end - w.begin].astype(np.int32))
+                if msite:
+                    rows["mem_inputs"].append(cap[msite.module_path][wi, pos].to(torch.float16).cpu().numpy())
+                if store_lm_logprob:
+                    logits = result.logits[wi, pos].float()
+                    target = torch.from_numpy(ids[wi, w.first_target - w.begin: w.end - w.begin]).to(logits.device)
+                    lp = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+                    rows["lm_logprob"].append(lp.cpu().numpy().astype(np.float32))
+            first_row = batch[0].first_target - 1
+            for name, (fd, row_bytes) in files.items():
+                data = np.ascontiguousarray(np.concatenate(rows[name]))
+                os.pwrite(fd, data.tobytes(), first_row * row_bytes)
+            for fd, _ in files.values():
+                os.fsync(fd)
+            atomic_write_json(out / PROGRESS, {"batches_done": bi + 1, "settings": settings})
+            bar.update(sum(w.n_rows for w in batch))
+    finally:
+        bar.close()
+        for fd, _ in files.values():
+            os.close(fd)
+    manifest = write_manifest(out, settings)
+    (out / PROGRESS).unlink(missing_ok=True)
+    return manifest

