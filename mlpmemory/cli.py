@@ -1,0 +1,112 @@
+"""`mlpmem`: one command, one subcommand per pipeline stage, each a thin call into pipeline.py.
+
+Options come from the fields of :class:`mlpmemory.config.Config` (their docs are the ``--help``
+text); a stage takes its own options and those of the stages it may need to run first.
+Errors a user can fix print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from .config import PRESETS, Config, load_config_file, make_config
+from .errors import MLPMemError
+
+STAGE_GROUPS = {
+    "corpus": ["run", "corpus"],
+    "datastore": ["run", "corpus", "datastore"],
+    "index": ["run", "corpus", "datastore", "index"],
+    "targets": ["run", "corpus", "datastore", "index", "targets"],
+    "run": ["run", "corpus", "datastore", "index", "targets"],
+}
+STAGE_HELP = {
+    "corpus": "tokenise the corpus into train / held-out token streams",
+    "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
+    "index": "build the FAISS index over the datastore keys",
+    "targets": "compute the sparse kNN target distribution of every datastore row",
+    "run": "the main job: every stage on the chosen preset, skipping finished ones, then the results table",
+}
+
+
+def _arg_type(tp):
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_config_args(parser: argparse.ArgumentParser, groups: list[str]) -> None:
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for f in fields(Config):
+        group = f.metadata["group"]
+        if group not in groups:
+            continue
+        section = sections.get(group) or parser.add_argument_group(f"{group} options")
+        sections[group] = section
+        flag = "--" + f.name.replace("_", "-")
+        tp = _arg_type(hints[f.name])
+        help_text = f.metadata["help"] if "default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {f.default})"
+        if tp is bool:
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            section.add_argument(flag, type=tp, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                 help=help_text, metavar=f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlpmem", description="MLP Memory for Hugging Face causal LMs "
+                                     "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and use the memory.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, groups in STAGE_GROUPS.items():
+        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        p.add_argument("--preset", choices=sorted(PRESETS), default="quick" if name == "run" else None,
+                       help="named settings (quick: ~100k datastore tokens, minutes on a laptop; large: a real experiment)"
+                            + (" (default: quick)" if name == "run" else ""))
+        p.add_argument("--config", metavar="FILE", help="TOML or JSON file with settings (flags override it)")
+        add_config_args(p, groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    preset, config_file = args.pop("preset", None), args.pop("config", None)
+    try:
+        if "run_dir" not in args:
+            args["run_dir"] = f"runs/{preset or 'default'}"
+        saved = Path(args["run_dir"]) / "config.json"
+        base = load_config_file(saved) if saved.exists() else {}
+        cfg = make_config(preset, config_file, base=base, **args)
+        from . import pipeline
+
+        run = pipeline.Run(cfg)
+        if command == "run":
+            results = pipeline.run_all(run)
+            print(pipeline.format_table(results))
+            print(f"\nresults: {run.dir / 'results.json'}")
+        else:
+            manifest = getattr(pipeline, f"stage_{command}")(run)
+            print(f"{command}: complete in {run.path(command)}")
+            _print_brief(manifest)
+    except MLPMemError as e:
+        print(f"mlpmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlpmem: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _print_brief(manifest: dict) -> None:
+    for key in ("n", "n_tokens", "dim", "factory", "recall", "search_qps", "k", "temperature", "mean_nonzeros"):
+        if key in manifest:
+            print(f"  {key}: {manifest[key]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
