@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .manifest import atomic_write_json, is_complete, read_manifest
+from .manifest import atomic_write_json, check_fields, is_complete, read_json, read_manifest
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 
@@ -54,10 +54,16 @@ class Run:
         return self._lm
 
     def timed(self, stage: str, fn):
+        """Run a stage; its build time is kept in timings.json so later summaries still show it."""
         done = is_complete(self.path(stage))
         t = time.perf_counter()
         result = fn()
-        self.timings[stage] = 0.0 if done else time.perf_counter() - t
+        timings_path = self.dir / "timings.json"
+        timings = read_json(timings_path) if timings_path.exists() else {}
+        if not done:
+            timings[stage] = round(time.perf_counter() - t, 2)
+            atomic_write_json(timings_path, timings)
+        self.timings[stage] = timings.get(stage, 0.0)
         log(f"{stage}: {'already complete' if done else f'done in {self.timings[stage]:.1f}s'}")
         return result
 
@@ -118,6 +124,10 @@ def stage_targets(run: Run) -> dict:
     cfg = run.cfg
     if not is_complete(run.path(INDEX)) or not is_complete(run.path(TUNE)):
         stage_index(run)
+    # The validation slice must come from the same model and capture site as the datastore.
+    check_fields(read_manifest(run.path(TUNE), "validation slice"), read_manifest(run.path(DATASTORE), "datastore"),
+                 ["model_fingerprint", "tokenizer_fingerprint", "key_site", "dim", "corpus_fingerprint"],
+                 f"validation slice {run.path(TUNE)}")
     temperature = cfg.temperature if cfg.temperature == "auto" else float(cfg.temperature)
     return run.timed(TARGETS, lambda: build_targets(
         run.path(DATASTORE), run.path(INDEX), run.path(TARGETS), heldout_dir=run.path(TUNE),
@@ -145,11 +155,12 @@ def summarize(run: Run) -> dict:
         "key_site": ds["key_site"],
         "mem_site": ds["mem_site"],
         "index": {"factory": idx.get("factory"), "recall": idx.get("recall"), "qps": idx.get("search_qps")},
-        "targets": {"k": tg.get("k"), "temperature": tg.get("temperature"), "mean_nonzeros": tg.get("mean_nonzeros")},
+        "targets_search_qps": tg.get("queries_per_s"),
+        "targets": {"k": tg.get("k"), "temperature": tg.get("temperature"), "mean_nonzeros": tg.get("mean_nnz")},
         "temperature_grid": sel.get("grid"),
         "ppl": {"base": sel.get("base_ppl"),
                 "knn_lm_validation": min((g["knn_lm_ppl"] for g in sel.get("grid", [])), default=None)},
-        "stage_seconds": run.timings,
+        "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
         "settings": run.cfg.to_dict(),
     }
     atomic_write_json(run.dir / "results.json", results)
@@ -164,8 +175,8 @@ def format_table(results: dict) -> str:
         ("key site / memory-input site", f"layer {results['key_site']['layer']} / "
                                           f"{(results['mem_site'] or {}).get('layer')}"),
         ("index", f"{results['index']['factory']} (recall {results['index']['recall']})"),
-        ("targets", f"k={results['targets']['k']}, T={results['targets']['temperature']}, "
-                    f"{results['targets']['mean_nonzeros']:.1f} tokens/row"),
+        ("targets", f"k={results['targets']['k']}, T={results['targets']['temperature']:.3g}, "
+                    f"{results['targets']['mean_nonzeros']:.1f} tokens/row, {results['targets_search_qps']:.0f} queries/s"),
         ("base PPL (validation slice)", f"{results['ppl']['base']:.2f}" if results["ppl"]["base"] else "-"),
         ("kNN-LM PPL (validation slice, best lambda)",
          f"{results['ppl']['knn_lm_validation']:.2f}" if results["ppl"]["knn_lm_validation"] else "-"),
