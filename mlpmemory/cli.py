@@ -1,7 +1,7 @@
 """`mlpmem`: one command, one subcommand per pipeline stage, each a thin call into pipeline.py.
 
 Options come from the fields of :class:`mlpmemory.config.Config` (their docs are the ``--help``
-text); a stage takes its own options and those of the stages it may need to run first.
+text). Every stage takes every option: it may have to run the stages before it.
 Errors a user can fix print as one line and exit with status 2.
 """
 
@@ -16,13 +16,10 @@ from pathlib import Path
 from .config import PRESETS, Config, load_config_file, make_config
 from .errors import MLPMemError
 
-STAGE_GROUPS = {
-    "corpus": ["run", "corpus"],
-    "datastore": ["run", "corpus", "datastore"],
-    "index": ["run", "corpus", "datastore", "index"],
-    "targets": ["run", "corpus", "datastore", "index", "targets"],
-    "run": ["run", "corpus", "datastore", "index", "targets"],
-}
+# Every stage accepts every option: settings are saved with the run directory, so an option given
+# early (say --k with `mlpmem datastore`) is remembered for the stages that use it.
+ALL_GROUPS = ["run", "corpus", "datastore", "index", "targets"]
+STAGE_GROUPS = {stage: ALL_GROUPS for stage in ("corpus", "datastore", "index", "targets", "run")}
 STAGE_HELP = {
     "corpus": "tokenise the corpus into train / held-out token streams",
     "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
@@ -60,10 +57,11 @@ def add_config_args(parser: argparse.ArgumentParser, groups: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpmem", description="MLP Memory for Hugging Face causal LMs "
-                                     "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and use the memory.")
+                                     "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and use the memory.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, groups in STAGE_GROUPS.items():
-        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name], allow_abbrev=False)
         p.add_argument("--preset", choices=sorted(PRESETS), default="quick" if name == "run" else None,
                        help="named settings (quick: ~100k datastore tokens, minutes on a laptop; large: a real experiment)"
                             + (" (default: quick)" if name == "run" else ""))

@@ -96,12 +96,12 @@ def stage_datastore(run: Run) -> dict:
     identity = {"corpus_fingerprint": corpus["corpus_fingerprint"]}
     common = dict(key_site=cfg.key_site, block=cfg.block, stride=cfg.stride, batch_size=cfg.batch_size)
     cdir = run.path(CORPUS)
+    n_valid = validation_tokens(corpus, cfg.tune_tokens)
+    if n_valid < 2:  # checked first: T and lambda must be chosen on held-out text
+        raise MLPMemError("the held-out split is empty: raise --heldout-fraction or use a larger corpus")
     manifest = run.timed(DATASTORE, lambda: build_datastore(
         run.lm, cdir / "train.i32", corpus["n_tokens"]["train"], run.path(DATASTORE),
         mem_site=cfg.mem_site if cfg.store_mem_inputs else None, identity={**identity, "split": "train"}, **common))
-    n_valid = validation_tokens(corpus, cfg.tune_tokens)
-    if n_valid < 2:
-        raise MLPMemError("the held-out split is empty: raise --heldout-fraction or use a larger corpus")
     run.timed(TUNE, lambda: build_datastore(
         run.lm, cdir / "heldout.i32", n_valid, run.path(TUNE), mem_site=cfg.mem_site, store_lm_logprob=True,
         identity={**identity, "split": "heldout-validation"}, **common))

@@ -1,0 +1,507 @@
+"""Perplexity of base / +kNN-LM / +MLP memory on identical windows, with sweeps from cached log-probs.
+
+Why it is written this way:
+
+- **Only the true token's probability is needed.** Every component (base LM, memory, kNN) is a
+  normalised distribution, so a mixture's probability of the true token is the same mixture of
+  the components' probabilities of that token. One pass over a text therefore stores, per scored
+  token, ``log p_LM(w_t)``, ``log p_MLP(w_t)`` and ``log p_kNN(w_t)`` per temperature; any
+  ``(lambda, T)`` point is then a vectorised numpy expression over those arrays (milliseconds),
+  so lambda and T are swept, not guessed (METHOD.md §4: both silently dominate results).
+- **Identical windows for every system.** The base pass *is* a datastore build
+  (:func:`mlpmemory.datastore.build_datastore` with ``store_lm_logprob=True``) over
+  :func:`mlpmemory.corpus.sliding_windows`: same windows, same context for every token, and
+  the kNN queries / memory inputs of exactly those positions. It is resumable like any build.
+- **Caches know what produced them.** Next to the eval dir's arrays: ``mem_logprob.f32`` (with
+  ``mem_logprob.json`` naming the memory's fingerprint) and ``knn_logprob_T{T}.f32`` (with
+  ``knn_logprob.json`` naming the index fingerprint and k). A different memory, index, k or a
+  rebuilt eval dir recomputes; the same ones are read back untouched. The JSON is removed before
+  a data file is replaced and written after, so a crash never leaves a stale pairing.
+- **Chosen on validation, reported on test.** :func:`evaluate_ppl` picks the memory's lambda
+  and the kNN-LM's (lambda, T) on a validation eval dir and reports test perplexity at exactly
+  those values; the two dirs must come from the same model, dtype, sites, block and stride.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
+from .errors import MLPMemError
+from .inference import KNNLM, _check_lambda, mix_logprobs
+from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
+
+BASE, MEMORY, KNN_LM = "base", "memory", "knn_lm"
+SYSTEMS = (BASE, MEMORY, KNN_LM)
+DEFAULT_LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MEM_FILE, MEM_META = "mem_logprob.f32", "mem_logprob.json"
+KNN_META = "knn_logprob.json"
+# Fields two eval dirs must share for their perplexities to be comparable.
+MATCH_FIELDS = ("model_fingerprint", "tokenizer_fingerprint", "dtype", "block", "stride", "key_site", "mem_site",
+                "dim", "mem_dim")
+
+
+def knn_file(temperature: float) -> str:
+    """Cache file of one temperature; ``repr`` keeps T exact (3.0 -> ``knn_logprob_T3.0.f32``)."""
+    return f"knn_logprob_T{float(temperature)!r}.f32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and small helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_dict(config) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if hasattr(config, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(config)
+    if isinstance(config, dict):
+        return config
+    return {k: v for k, v in vars(config).items() if not k.startswith("_")}
+
+
+def fingerprint_memory(memory, sample: int = 4096) -> str:
+    """Identity of a memory for caches: its config plus, per tensor, name, shape, dtype, sum and a
+    strided sample of values (cheap even for a 1B memory; any re-training changes it)."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update(type(memory).__name__.encode())
+    h.update(json.dumps(_config_dict(getattr(memory, "config", None)), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(memory.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def memory_dir_fingerprint(path) -> str:
+    """Identity of a saved memory folder: its JSON configs and safetensors bytes, hashed."""
+    path = Path(path)
+    files = sorted(list(path.glob("*.json")) + list(path.glob("*.safetensors")))
+    if not files:
+        raise MLPMemError(f"{path} holds no config or safetensors files; is it a saved memory?")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def mean_nll(logp) -> float:
+    """Mean negative log-likelihood in nats per token (float64 accumulation)."""
+    logp = np.asarray(logp)
+    if logp.size == 0:
+        raise MLPMemError("no scored tokens: perplexity is undefined")
+    return float(-np.mean(logp, dtype=np.float64))
+
+
+def perplexity(logp) -> float:
+    """exp of the mean NLL of per-token log-probs (inf if any token has probability 0)."""
+    nll = mean_nll(logp)
+    return math.exp(nll) if nll < 709 else math.inf
+
+
+def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
+    """Total NLL (nats) over the text's UTF-8 byte count, in bits."""
+    if n_bytes <= 0:
+        raise MLPMemError(f"bits per byte needs a positive byte count, got {n_bytes}")
+    return float(total_nll_nats) / (n_bytes * math.log(2.0))
+
+
+def decoded_bytes(tokenizer, ids, *, skip_special_tokens: bool = True) -> int:
+    """UTF-8 byte count of ``tokenizer.decode(ids)``."""
+    ids = [int(x) for x in np.asarray(ids).reshape(-1)]
+    return len(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).encode("utf-8"))
+
+
+def text_bytes(tokenizer, tokens, *, skip_special_tokens: bool = True) -> int:
+    """UTF-8 bytes of the scored text: targets 1..n-1 of ``tokens`` (token 0 is only context).
+
+    Special tokens (the EOS between documents) are skipped by default: they are predicted (their
+    NLL counts) but are not text. A multi-byte character split at the first target decodes as one
+    replacement character, a few bytes of error at most.
+    """
+    return decoded_bytes(tokenizer, np.asarray(tokens).reshape(-1)[1:], skip_special_tokens=skip_special_tokens)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _json_safe(obj):
+    """JSON without NaN/Infinity (which strict parsers reject): non-finite floats become null."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    return _finite_or_none(obj)
+
+
+def _write_f32(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_f32(path: Path, n: int) -> np.ndarray | None:
+    if not path.is_file() or path.stat().st_size != 4 * n:
+        return None
+    return np.fromfile(path, dtype=np.float32)
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return read_json(path) if path.exists() else {}
+    except MLPMemError:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building an eval dir and scoring its components.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "last", mem_site: str | None = "0.7",
+                   block: int = 1024, stride: int = 512, batch_size: int = 8, identity: dict | None = None,
+                   progress: bool = True) -> dict:
+    """The base LM's pass over a text: a datastore with ``lm_logprob`` (resumable); its manifest."""
+    from .datastore import build_datastore
+
+    return build_datastore(lm, token_path, n_tokens, out_dir, key_site=key_site, mem_site=mem_site, block=block,
+                           stride=stride, batch_size=batch_size, store_lm_logprob=True,
+                           identity={"purpose": "eval", **(identity or {})}, progress=progress)
+
+
+def _open_eval_dir(eval_dir):
+    ds = open_datastore(eval_dir, "eval dir")
+    if ds.lm_logprob is None:
+        raise MLPMemError(f"eval dir {eval_dir} has no {LM_LOGPROB}: build it with store_lm_logprob=True "
+                          "(mlpmemory.evaluate.build_eval_dir)")
+    return ds
+
+
+def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
+    import torch
+    from tqdm.auto import tqdm
+
+    if ds.mem_inputs is None:
+        raise MLPMemError(f"eval dir {ds.path} has no {MEM_INPUTS}: rebuild it with mem_site set to the memory's "
+                          "input site")
+    device, dtype = torch.device("cpu"), torch.float32
+    for p in memory.parameters():
+        device, dtype = p.device, (p.dtype if p.is_floating_point() else torch.float32)
+        break
+    out = np.empty(ds.n, np.float32)
+    was_training = memory.training
+    memory.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=ds.n, desc=f"memory log-probs {ds.path.name}", unit="tok",
+                                          disable=not progress) as bar:
+            for s in range(0, ds.n, batch):
+                e = min(ds.n, s + batch)
+                x = torch.from_numpy(np.asarray(ds.mem_inputs[s:e], dtype=np.float32)).to(device=device, dtype=dtype)
+                tgt = torch.from_numpy(np.asarray(ds.values[s:e], dtype=np.int64)).to(device)
+                try:
+                    logits = memory(x)
+                except RuntimeError as err:
+                    raise MLPMemError(f"the memory cannot read this eval dir's memory inputs (width {x.shape[-1]}): "
+                                      f"{str(err).splitlines()[0]}") from None
+                if logits.shape[-1] <= int(tgt.max()):
+                    raise MLPMemError(f"the memory predicts {logits.shape[-1]} tokens but the text holds id "
+                                      f"{int(tgt.max())}; use a memory trained for this base LM")
+                lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[:, None])[:, 0]
+                out[s:e] = lp.cpu().numpy()
+                bar.update(e - s)
+    finally:
+        memory.train(was_training)
+    return out
+
+
+def _check_memory_site(ds, memory) -> None:
+    site = getattr(getattr(memory, "config", None), "input_site", None)
+    module = site.get("module") if isinstance(site, dict) else None
+    stored = (ds.manifest.get("mem_site") or {}).get("module")
+    if module and stored and module != stored:
+        raise MLPMemError(f"the memory reads {module} but eval dir {ds.path} stored inputs of {stored}; "
+                          "rebuild the eval dir with the memory's input site")
+
+
+def _check_knn(ds, knn: KNNLM) -> None:
+    if knn.index.d != ds.dim:
+        raise MLPMemError(f"eval dir {ds.path} has keys of width {ds.dim} but the index {knn.index.d}; "
+                          "build the eval dir at the datastore's key site with the same model")
+    ref = knn.datastore_manifest
+    if ref:
+        for field in ("model_fingerprint", "key_site"):
+            if ref.get(field) != ds.manifest.get(field):
+                raise MLPMemError(f"eval dir {ds.path} was built with {field}={ds.manifest.get(field)!r} but the kNN "
+                                  f"datastore with {ref.get(field)!r}; rebuild the eval dir to match")
+
+
+def score_components(eval_dir, *, memory=None, memory_fingerprint: str | None = None, knn: KNNLM | None = None,
+                     temperatures=None, batch: int = 4096, progress: bool = True) -> dict:
+    """Per-token log-probs of the true next token, per component, computed once and cached.
+
+    Returns ``{"lm": (N,), "memory": (N,) if a memory is given, "knn": {T: (N,)} if a kNN-LM is
+    given}`` (float64). ``temperatures`` defaults to ``[knn.temperature]``. The memory is run in
+    ``torch.inference_mode`` in its own dtype/device; its result is cached under
+    ``memory_fingerprint`` (default: :func:`fingerprint_memory` of the module).
+    """
+    from tqdm.auto import tqdm
+
+    ds = _open_eval_dir(eval_dir)
+    path, n = ds.path, ds.n
+    eval_fp = sha256_json(ds.manifest)
+    out: dict = {"lm": np.asarray(ds.lm_logprob, dtype=np.float64)}
+
+    if memory is not None:
+        _check_memory_site(ds, memory)
+        fp = memory_fingerprint if memory_fingerprint is not None else fingerprint_memory(memory)
+        want = {"memory_fingerprint": fp, "eval_fingerprint": eval_fp, "n": n}
+        meta = _read_meta(path / MEM_META)
+        cached = _read_f32(path / MEM_FILE, n) if all(meta.get(k) == v for k, v in want.items()) else None
+        if cached is None:
+            (path / MEM_META).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            cached = _memory_logprobs(ds, memory, batch, progress)
+            _write_f32(path / MEM_FILE, cached)
+            atomic_write_json(path / MEM_META, {**want, "seconds": round(time.perf_counter() - t0, 3)})
+        out["memory"] = cached.astype(np.float64)
+
+    if knn is not None:
+        _check_knn(ds, knn)
+        temps = [float(t) for t in (temperatures if temperatures is not None else [knn.temperature])]
+        if not temps or any(not t > 0 for t in temps):
+            raise MLPMemError(f"temperatures must be a non-empty list of numbers > 0, got {temperatures!r}")
+        want = {"knn_fingerprint": knn.fingerprint, "k": knn.k, "eval_fingerprint": eval_fp, "n": n}
+        meta = _read_meta(path / KNN_META)
+        done: dict[str, float] = {}
+        if all(meta.get(k) == v for k, v in want.items()):
+            done = {name: float(t) for name, t in meta.get("temperatures", {}).items()}
+        else:  # another index/k/eval dir: nothing cached is valid
+            for name in meta.get("temperatures", {}):
+                (path / name).unlink(missing_ok=True)
+        knn_out: dict[float, np.ndarray] = {}
+        missing = []
+        for t in dict.fromkeys(temps):
+            arr = _read_f32(path / knn_file(t), n) if done.get(knn_file(t)) == t else None
+            if arr is None:
+                missing.append(t)
+            else:
+                knn_out[t] = arr.astype(np.float64)
+        if missing:
+            (path / KNN_META).unlink(missing_ok=True)
+            new = {t: np.empty(n, np.float32) for t in missing}
+            t0 = time.perf_counter()
+            with tqdm(total=n, desc=f"kNN log-probs {path.name}", unit="tok", disable=not progress) as bar:
+                for s in range(0, n, batch):
+                    e = min(n, s + batch)
+                    dists, ids = knn.search(np.asarray(ds.keys[s:e], dtype=np.float32))
+                    tgt = np.asarray(ds.values[s:e], dtype=np.int64)
+                    for t in missing:
+                        new[t][s:e] = knn.logprob_from_search(dists, ids, tgt, t)
+                    bar.update(e - s)
+            for t in missing:
+                _write_f32(path / knn_file(t), new[t])
+                done[knn_file(t)] = t
+                knn_out[t] = new[t].astype(np.float64)
+            atomic_write_json(path / KNN_META, {**want, "temperatures": done,
+                                                "seconds_last": round(time.perf_counter() - t0, 3)})
+        out["knn"] = {t: knn_out[t] for t in dict.fromkeys(temps)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps and the validation -> test protocol.
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(system: str, lam, t, logp) -> dict:
+    nll = mean_nll(logp)
+    return {"system": system, "lambda": lam, "T": t, "ppl": math.exp(nll) if nll < 709 else math.inf, "nll": nll}
+
+
+def sweep(components: dict, lambdas=DEFAULT_LAMBDAS, temperatures=None) -> list[dict]:
+    """Rows ``{system, lambda, T, ppl, nll}`` (nll: mean nats/token): the base LM, then the memory
+    per lambda, then the kNN-LM per (T, lambda). ``temperatures`` defaults to every T in
+    ``components["knn"]``. lambda = 0 rows are the base LM's perplexity exactly."""
+    lm = components["lm"]
+    rows = [_row(BASE, None, None, lm)]
+    lams = [float(x) for x in lambdas]
+    for lam in lams:
+        _check_lambda(lam)  # refuse a bad grid before any work
+    if components.get("memory") is not None:
+        rows += [_row(MEMORY, lam, None, mix_logprobs(lm, components["memory"], lam)) for lam in lams]
+    knn = components.get("knn") or {}
+    temps = list(knn) if temperatures is None else [float(t) for t in temperatures]
+    for t in temps:
+        if t not in knn:
+            raise MLPMemError(f"no kNN log-probs at T={t:g} (have {sorted(knn)}); score them with score_components")
+        rows += [_row(KNN_LM, lam, t, mix_logprobs(lm, knn[t], lam)) for lam in lams]
+    return rows
+
+
+def choose(validation_rows: list[dict], system: str) -> dict:
+    """The row of ``system`` with the lowest validation perplexity (ties: the first, i.e. smaller lambda)."""
+    rows = [r for r in validation_rows if r["system"] == system]
+    if not rows:
+        raise MLPMemError(f"no validation rows for system {system!r} (have {sorted({r['system'] for r in validation_rows})})")
+    return dict(min(rows, key=lambda r: r["ppl"]))
+
+
+def check_compatible(valid_manifest: dict, test_manifest: dict, valid_dir=None, test_dir=None) -> None:
+    """Refuse validation/test eval dirs whose perplexities would not be comparable."""
+    for field in MATCH_FIELDS:
+        if valid_manifest.get(field) != test_manifest.get(field):
+            raise MLPMemError(f"validation eval dir {valid_dir} has {field}={valid_manifest.get(field)!r} but test "
+                              f"eval dir {test_dir} has {test_manifest.get(field)!r}; build both with the same model, "
+                              "dtype, capture sites, block and stride")
+
+
+def _plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    base = next(r["ppl"] for r in rows if r["system"] == BASE)
+    ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"base ({base:.2f})")
+    mem = [r for r in rows if r["system"] == MEMORY]
+    if mem:
+        ax.plot([r["lambda"] for r in mem], [r["ppl"] for r in mem], marker="o", linewidth=2, label="+ MLP memory")
+    temps = list(dict.fromkeys(r["T"] for r in rows if r["system"] == KNN_LM))
+    for t in temps:
+        kr = [r for r in rows if r["system"] == KNN_LM and r["T"] == t]
+        ax.plot([r["lambda"] for r in kr], [r["ppl"] for r in kr], marker=".", linewidth=1, label=f"+ kNN-LM, T={t:.3g}")
+    for system, c in chosen.items():
+        if c is not None and math.isfinite(c["ppl"]):
+            ax.plot([c["lambda"]], [c["ppl"]], marker="*", markersize=14, color="red", linestyle="none")
+    finite = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
+    if finite:  # keep the interesting range: up to twice the base perplexity
+        ax.set_ylim(min(finite) * 0.98, min(max(finite), 2 * base) * 1.02)
+    ax.set_xlabel("lambda (weight of the memory / kNN distribution)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, memory_fingerprint: str | None = None,
+                 knn: KNNLM | None = None, lambdas=DEFAULT_LAMBDAS, temperatures=None, batch: int = 4096,
+                 progress: bool = True) -> dict:
+    """Choose lambda (memory) and (lambda, T) (kNN-LM) on validation, report all systems on test.
+
+    Writes ``ppl.json`` (the report returned) and ``ppl_validation.png`` (validation perplexity
+    vs lambda: the memory, one line per T for the kNN-LM, the base as a horizontal line) into
+    ``out_dir``. ``temperatures`` defaults to ``knn.temperature * 2**j`` for j = -2..2. With a
+    ``tokenizer``, test bits per byte are reported too (UTF-8 bytes of the scored text).
+    """
+    valid_dir, test_dir, out_dir = Path(valid_dir), Path(test_dir), Path(out_dir)
+    if valid_dir.resolve() == test_dir.resolve():
+        raise MLPMemError(f"validation and test eval dirs are the same ({valid_dir}); settings chosen on a text "
+                          "must be reported on another one")
+    vm = read_manifest(valid_dir, "validation eval dir")
+    tm = read_manifest(test_dir, "test eval dir")
+    check_compatible(vm, tm, valid_dir, test_dir)
+    lams = [float(x) for x in lambdas]
+    if not lams:
+        raise MLPMemError("lambdas must not be empty")
+    if knn is not None and temperatures is None:
+        temperatures = [knn.temperature * 2.0 ** j for j in range(-2, 3)]
+    if memory is not None and memory_fingerprint is None:
+        memory_fingerprint = fingerprint_memory(memory)
+
+    t0 = time.perf_counter()
+    vc = score_components(valid_dir, memory=memory, memory_fingerprint=memory_fingerprint, knn=knn,
+                          temperatures=temperatures, batch=batch, progress=progress)
+    vrows = sweep(vc, lams)
+    chosen = {MEMORY: choose(vrows, MEMORY) if memory is not None else None,
+              KNN_LM: choose(vrows, KNN_LM) if knn is not None else None}
+    tc = score_components(test_dir, memory=memory, memory_fingerprint=memory_fingerprint, knn=knn,
+                          temperatures=[chosen[KNN_LM]["T"]] if knn is not None else None, batch=batch,
+                          progress=progress)
+    n_test = len(tc["lm"])
+    n_bytes = decoded_bytes(tokenizer, open_datastore(test_dir).values) if tokenizer is not None else None
+
+    def report(logp, lam=None, t=None) -> dict:
+        nll = mean_nll(logp)
+        total = nll * len(logp)
+        return {"lambda": lam, "T": t, "ppl": math.exp(nll) if nll < 709 else math.inf, "nll": nll,
+                "total_nll": total, "bits_per_byte": bits_per_byte(total, n_bytes) if n_bytes else None}
+
+    systems = {BASE: report(tc["lm"])}
+    base_ppl = systems[BASE]["ppl"]
+    if memory is not None:
+        lam = chosen[MEMORY]["lambda"]
+        systems[MEMORY] = report(mix_logprobs(tc["lm"], tc["memory"], lam), lam)
+        systems[MEMORY]["memory_alone_ppl"] = perplexity(tc["memory"])
+    if knn is not None:
+        lam, t = chosen[KNN_LM]["lambda"], chosen[KNN_LM]["T"]
+        systems[KNN_LM] = report(mix_logprobs(tc["lm"], tc["knn"][t], lam), lam, t)
+        systems[KNN_LM]["knn_alone_ppl"] = perplexity(tc["knn"][t])
+        systems[KNN_LM]["k"] = knn.k
+    for s in systems.values():
+        s["change_vs_base_pct"] = 100.0 * (s["ppl"] / base_ppl - 1.0) if math.isfinite(s["ppl"]) else None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_name = "ppl_validation.png"
+    result = {
+        "model": tm.get("model"), "model_fingerprint": tm.get("model_fingerprint"), "dtype": tm.get("dtype"),
+        "block": tm.get("block"), "stride": tm.get("stride"), "key_site": tm.get("key_site"),
+        "mem_site": tm.get("mem_site"),
+        "settings": {"lambdas": lams, "temperatures": [float(t) for t in temperatures] if knn is not None else None,
+                     "memory_fingerprint": memory_fingerprint if memory is not None else None,
+                     "knn": ({"fingerprint": knn.fingerprint, "k": knn.k, "index_type": type(knn.index).__name__}
+                             if knn is not None else None)},
+        "validation": {"dir": str(valid_dir), "tokens_scored": len(vc["lm"]), "rows": vrows,
+                       "chosen": chosen, "base_ppl": vrows[0]["ppl"]},
+        "test": {"dir": str(test_dir), "tokens_scored": n_test, "bytes": n_bytes, "systems": systems},
+        "plot": plot_name, "seconds": round(time.perf_counter() - t0, 3),
+    }
+    title = (f"validation: {len(vc['lm']):,} tokens, block {tm.get('block')} / stride {tm.get('stride')}"
+             + (f", k={knn.k}" if knn is not None else ""))
+    _plot(vrows, chosen, out_dir / plot_name, title)
+    safe = _json_safe(result)
+    atomic_write_json(out_dir / "ppl.json", safe)
+    return safe
+
+
+def format_ppl_table(result: dict) -> str:
+    """The test systems of an :func:`evaluate_ppl` report as a Markdown table."""
+    lines = ["| system | lambda | T | test PPL | change | bits/byte |", "|---|---|---|---|---|---|"]
+    for name, s in result["test"]["systems"].items():
+        def fmt(x, spec):
+            return "-" if x is None else format(x, spec)
+        lines.append(f"| {name} | {fmt(s['lambda'], 'g')} | {fmt(s['T'], '.4g')} | {fmt(s['ppl'], '.3f')} | "
+                     f"{fmt(s['change_vs_base_pct'], '+.2f')}{'%' if s['change_vs_base_pct'] is not None else ''} | {fmt(s['bits_per_byte'], '.4f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Mixing a base LM with a second next-token distribution: the MLP memory, or a kNN retriever.
+
+Why it is written this way:
+
+- **Mixing happens in log space.** ``log p = logaddexp(log(1-lam) + log p_LM, log(lam) + log q)``
+  (METHOD.md §2.8) is the exact log of ``(1-lam) p_LM + lam q`` without ever leaving log space,
+  so tiny probabilities neither underflow nor round to zero. ``lam = 0`` returns the base
+  log-probs *unchanged* (the same object, bit for bit) and ``lam = 1`` the other's, so "the
+  augmented model at lambda 0 is the base model" holds exactly, not to a tolerance. A component
+  that gives a token probability 0 contributes ``-inf``, which ``logaddexp`` handles exactly.
+- **One base forward per call.** :class:`MemoryAugmentedLM` runs the frozen base LM once, with a
+  forward pre-hook (:func:`mlpmemory.capture.capture_inputs`) on the module named by the
+  memory's own ``config.input_site["module"]``, so the memory reads the very state it was
+  trained on (the public code stores the layer in the checkpoint and never reads it back). No
+  ``.cuda()`` anywhere: the wrapper runs wherever its two modules live.
+- **The kNN-LM uses the same maths as the training targets.** :class:`KNNLM` calls
+  :func:`mlpmemory.targets.knn_distribution` (no self-exclusion: held-out queries are not in the
+  datastore; no thresholding: ``min_prob = 0``), so the baseline's ``p_kNN`` is exactly the
+  distribution the memory was trained to imitate. There is **no probability floor**: a target
+  none of the k neighbours carries gets ``log p_kNN = -inf`` (true value), and mixing with any
+  ``lam < 1`` stays finite. Only kNN-alone perplexity (``lam = 1``) can then be infinite, which
+  is the honest answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from .errors import MLPMemError
+
+
+def _check_lambda(lam) -> float:
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise MLPMemError(f"lambda must be a number in [0, 1], got {lam!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise MLPMemError(f"lambda must be in [0, 1], got {lam!r}")
+    return value
+
+
+def mix_logprobs(lm_logp, other_logp, lam):
+    """``log((1 - lam) * exp(lm_logp) + lam * exp(other_logp))``, element-wise, in log space.
+
+    Works on torch tensors (result follows ``lm_logp``'s device) and numpy arrays. ``lam = 0``
+    returns ``lm_logp`` itself and ``lam = 1`` returns ``other_logp`` itself, so both ends are
+    exact. ``-inf`` entries (probability 0) are handled exactly.
+    """
+    lam = _check_lambda(lam)
+    if lam == 0.0:
+        return lm_logp
+    if lam == 1.0:
+        return other_logp
+    a, b = math.log1p(-lam), math.log(lam)
+    if isinstance(lm_logp, torch.Tensor) or isinstance(other_logp, torch.Tensor):
+        ref = lm_logp if isinstance(lm_logp, torch.Tensor) else other_logp
+        x = torch.as_tensor(lm_logp, device=ref.device)
+        y = torch.as_tensor(other_logp, device=ref.device)
+        return torch.logaddexp(x + a, y + b)
+    return np.logaddexp(np.asarray(lm_logp) + a, np.asarray(other_logp) + b)
+
+
+def _module_device_dtype(module: torch.nn.Module, fallback_device=None) -> tuple[torch.device, torch.dtype | None]:
+    for p in module.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else None)
+    return torch.device(fallback_device or "cpu"), None
+
+
+def memory_input_module(memory) -> str:
+    """The base-LM module whose input the memory reads, from ``memory.config.input_site``."""
+    site = getattr(getattr(memory, "config", None), "input_site", None)
+    module = site.get("module") if isinstance(site, dict) else site
+    if not module:
+        raise MLPMemError("the memory does not say where its input comes from (config.input_site['module']); "
+                          "pass input_site='<module path>' explicitly")
+    return str(module)
+
+
+class MemoryAugmentedLM(torch.nn.Module):
+    """A frozen HF causal LM plus an MLP memory, mixed with weight ``lam`` (METHOD.md §2.8).
+
+    ``base`` is a ``transformers`` causal LM (or a :class:`mlpmemory.models.LoadedModel`, whose
+    ``.model`` is used); ``memory`` is any module mapping hidden states ``(..., d)`` to logits
+    ``(..., V)``. ``lam`` defaults to ``memory.config.lambda_default``; ``input_site`` (a module
+    path or a site spec for :func:`mlpmemory.capture.resolve_site`) defaults to
+    ``memory.config.input_site["module"]``. Both modules are registered, so ``.to(device)``
+    moves the pair. Grad mode is the caller's (wrap evaluation in ``torch.inference_mode()``).
+    """
+
+    def __init__(self, base, memory: torch.nn.Module, lam: float | None = None, input_site=None):
+        super().__init__()
+        from .capture import resolve_site
+
+        self.base = getattr(base, "model", base) if not isinstance(base, torch.nn.Module) else base
+        self.memory = memory
+        if lam is None:
+            lam = getattr(getattr(memory, "config", None), "lambda_default", None)
+            if lam is None:
+                raise MLPMemError("no lambda given and the memory has no config.lambda_default; pass lam=")
+        self.lam = _check_lambda(lam)
+        spec = input_site if input_site is not None else memory_input_module(memory)
+        try:
+            self.site = resolve_site(self.base, spec)
+        except (IndexError, KeyError) as e:  # e.g. "model.layers.40.mlp" on a 30-layer model
+            raise MLPMemError(f"model {type(self.base).__name__} has no module {spec!r} ({e}); the memory was "
+                              "trained on another base LM, or pass input_site= explicitly") from None
+
+    def memory_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """log-softmax (float32) of the memory's logits on hidden states from the input site."""
+        device, dtype = _module_device_dtype(self.memory, hidden.device)
+        logits = self.memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def forward(self, input_ids, attention_mask=None, *, return_base_output: bool = False, **kwargs):
+        """Mixed next-token log-probabilities ``(B, T, V)``, float32, on the base LM's device.
+
+        One forward of the base LM (extra ``kwargs`` go to it). With ``return_base_output`` the
+        base model's output object (logits, past_key_values ...) comes back too, as a pair.
+        At ``lam = 0`` the memory is not run and the result is exactly the base log-softmax.
+        """
+        from .capture import capture_inputs
+
+        with capture_inputs(self.base, [self.site]) as cap:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        lm_logp = torch.log_softmax(out.logits.float(), dim=-1)
+        if self.lam == 0.0:
+            mixed = lm_logp
+        else:
+            if self.site.module_path not in cap:
+                raise MLPMemError(f"the base LM never called {self.site.module_path}; the memory's input site does "
+                                  "not belong to this model")
+            mem_logp = self.memory_logprobs(cap[self.site.module_path]).to(lm_logp.device)
+            if mem_logp.shape != lm_logp.shape:
+                raise MLPMemError(f"memory gives {tuple(mem_logp.shape)} log-probs but the base LM {tuple(lm_logp.shape)}; "
+                                  "the memory's vocabulary must equal the base LM's")
+            mixed = mix_logprobs(lm_logp, mem_logp, self.lam)
+        return (mixed, out) if return_base_output else mixed
+
+
+class KNNLM:
+    """A kNN-LM (METHOD.md §2.9): FAISS index over datastore keys + the datastore's next tokens.
+
+    ``index`` searches squared L2 over keys captured at the datastore's key site; ``values`` are
+    the datastore's int32 next tokens (a memmap is fine); ``k`` neighbours are softmaxed at
+    ``temperature`` over ``-distance``. ``lam`` is the kNN weight when mixing with the base LM.
+    ``fingerprint`` identifies index + values for caches; :meth:`from_dirs` derives it from the
+    manifests, otherwise it is hashed from the serialised index and the values on first use.
+    """
+
+    def __init__(self, index, values, *, k: int = 1024, temperature: float = 1.0, lam: float = 0.25,
+                 fingerprint: str | None = None, datastore_manifest: dict | None = None,
+                 vocab_size: int | None = None, search_batch: int = 1024):
+        if k < 1:
+            raise MLPMemError(f"k must be >= 1, got {k}")
+        if not float(temperature) > 0:
+            raise MLPMemError(f"temperature must be > 0, got {temperature}")
+        if len(values) != index.ntotal:
+            raise MLPMemError(f"the index holds {index.ntotal} keys but there are {len(values)} values; "
+                              "use the datastore the index was built from")
+        self.index = index
+        self.values = values
+        self.k = int(min(k, index.ntotal))
+        self.temperature = float(temperature)
+        self.lam = _check_lambda(lam)
+        self.datastore_manifest = datastore_manifest
+        self.vocab_size = vocab_size
+        self.search_batch = int(search_batch)
+        self._fingerprint = fingerprint
+
+    @classmethod
+    def from_dirs(cls, index_dir, datastore_dir, *, k: int = 1024, temperature: float = 1.0, lam: float = 0.25,
+                  nprobe: int | None = None, vocab_size: int | None = None, search_batch: int = 1024) -> "KNNLM":
+        """Load a built index and its datastore (checked to belong together)."""
+        from .datastore import open_datastore
+        from .index import index_fingerprint, load_index
+        from .manifest import sha256_json
+
+        ds = open_datastore(datastore_dir)
+        index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe)
+        fp = sha256_json({"index": index_fingerprint(index_dir), "datastore": sha256_json(ds.manifest),
+                          "nprobe": nprobe})
+        return cls(index, ds.values, k=k, temperature=temperature, lam=lam, fingerprint=fp,
+                   datastore_manifest=ds.manifest, vocab_size=vocab_size, search_batch=search_batch)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of index + values (hashing the serialised index: a full read, done once)."""
+        if self._fingerprint is None:
+            import faiss
+
+            h = hashlib.sha256()
+            h.update(np.ascontiguousarray(faiss.serialize_index(self.index)).tobytes())
+            h.update(np.ascontiguousarray(self.values, dtype=np.int32).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def search(self, queries) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest datastore rows of each query: (D float32 (B, k), I int64 (B, k))."""
+        from .targets import search_neighbours
+
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise MLPMemError(f"kNN queries must be (B, {self.index.d}), got {queries.shape}; "
+                              "use hidden states from the datastore's key site")
+        return search_neighbours(self.index, queries, self.k, self.search_batch)
+
+    def distribution(self, dists, ids, temperature: float | None = None):
+        """Sparse p_kNN of searched queries as CSR (offsets, token_ids, probs); see knn_distribution."""
+        from .targets import knn_distribution
+
+        t = self.temperature if temperature is None else float(temperature)
+        return knn_distribution(dists, ids, None, self.values, self.k, t, 0.0)
+
+    def logprob_from_search(self, dists, ids, targets, temperature: float | None = None) -> np.ndarray:
+        """log p_kNN(target) (float64, (B,)) from a finished search; -inf where no neighbour has it."""
+        offsets, toks, probs = self.distribution(dists, ids, temperature)
+        b = len(offsets) - 1
+        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if len(targets) != b:
+            raise MLPMemError(f"{b} queries but {len(targets)} targets")
+        rows = np.repeat(np.arange(b), np.diff(offsets))
+        hit = toks == targets[rows]
+        p = np.bincount(rows[hit], weights=probs[hit].astype(np.float64), minlength=b)
+        with np.errstate(divide="ignore"):
+            return np.log(p)
+
+    def knn_logprob_of(self, queries, targets, temperature: float | None = None) -> np.ndarray:
+        """log p_kNN(target | query) for each of B queries: float64 (B,), ``-inf`` if absent."""
+        dists, ids = self.search(queries)
+        return self.logprob_from_search(dists, ids, targets, temperature)
+
+    def knn_logprobs_full(self, queries, temperature: float | None = None, vocab_size: int | None = None) -> np.ndarray:
+        """Dense log p_kNN over the vocabulary: float32 (B, V), ``-inf`` for tokens no neighbour has."""
+        v = vocab_size or self.vocab_size
+        if v is None:
+            raise MLPMemError("knn_logprobs_full needs the vocabulary size: pass vocab_size= (here or to KNNLM)")
+        dists, ids = self.search(queries)
+        offsets, toks, probs = self.distribution(dists, ids, temperature)
+        if len(toks) and int(toks.max()) >= v:
+            raise MLPMemError(f"the datastore holds token id {int(toks.max())} >= vocab_size {v}")
+        dense = np.zeros((len(offsets) - 1, v), np.float32)
+        dense[np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)), toks] = probs
+        with np.errstate(divide="ignore"):
+            return np.log(dense)
+

@@ -1,0 +1,173 @@
+"""Mixing is exact at both ends and equals probability-space mixing; the augmented LM and the kNN-LM
+equal hand-computed oracles (captured states through the memory; brute-force neighbours)."""
+
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from mlpmemory.errors import MLPMemError
+from mlpmemory.inference import KNNLM, MemoryAugmentedLM, mix_logprobs
+
+
+def random_logprobs(rng, shape):
+    x = rng.normal(size=shape) * 3
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 0.25, 0.5, 0.9, 1.0])
+def test_log_space_mixing_equals_direct_mixing(lam):
+    rng = np.random.default_rng(0)
+    lp, lq = random_logprobs(rng, (7, 50)), random_logprobs(rng, (7, 50))
+    direct = np.log((1 - lam) * np.exp(lp) + lam * np.exp(lq))
+    np.testing.assert_allclose(mix_logprobs(lp, lq, lam), direct, rtol=1e-12, atol=1e-12)
+    got_t = mix_logprobs(torch.from_numpy(lp), torch.from_numpy(lq), lam)
+    assert isinstance(got_t, torch.Tensor)
+    np.testing.assert_allclose(got_t.numpy(), direct, rtol=1e-12, atol=1e-12)
+    # A mixture of distributions is a distribution.
+    np.testing.assert_allclose(np.exp(mix_logprobs(lp, lq, lam)).sum(-1), 1.0, rtol=1e-12)
+
+
+def test_mixing_ends_are_exact_and_zero_probability_is_handled():
+    rng = np.random.default_rng(1)
+    lp, lq = random_logprobs(rng, (3, 9)).astype(np.float32), random_logprobs(rng, (3, 9)).astype(np.float32)
+    assert mix_logprobs(lp, lq, 0.0) is lp and mix_logprobs(lp, lq, 1) is lq
+    t = torch.from_numpy(lp)
+    assert mix_logprobs(t, torch.from_numpy(lq), 0) is t
+    lq[:, 0] = -np.inf  # the other component gives token 0 probability 0
+    mixed = mix_logprobs(lp, lq, 0.3)
+    np.testing.assert_allclose(mixed[:, 0], np.log(0.7) + lp[:, 0], rtol=1e-6)
+    assert np.isfinite(mixed).all()
+    both = mix_logprobs(np.array([-np.inf]), np.array([-np.inf]), 0.5)
+    assert both[0] == -np.inf
+    for bad in (-0.1, 1.5, float("nan"), "x"):
+        with pytest.raises(MLPMemError, match="lambda"):
+            mix_logprobs(lp, lq, bad)
+
+
+def make_memory(d, vocab, site, seed=0):
+    torch.manual_seed(seed)
+    mem = torch.nn.Sequential(torch.nn.Linear(d, 48), torch.nn.GELU(), torch.nn.Linear(48, vocab))
+    mem.config = SimpleNamespace(input_site={"module": site}, lambda_default=0.3)
+    return mem.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_memory_augmented_lm_matches_hand_mixture(family, tiny_llama, tiny_gpt2):
+    lm = tiny_llama if family == "llama" else tiny_gpt2
+    model = lm.model
+    vocab = model.config.vocab_size
+    site = "model.layers.1.mlp" if family == "llama" else "transformer.h.1.mlp"
+    mem = make_memory(32, vocab, site)
+    ids = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(3))
+
+    with torch.inference_mode():
+        base_logp = torch.log_softmax(model(ids).logits.float(), -1)
+        aug0 = MemoryAugmentedLM(lm, mem, lam=0.0)
+        assert torch.equal(aug0(ids), base_logp)
+
+        # Oracle: the FFN input, captured with a hook registered by hand.
+        seen = {}
+        module = dict(model.named_modules())[site]
+        handle = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].clone()))
+        model(ids)
+        handle.remove()
+        q = torch.log_softmax(mem(seen["x"]).float(), -1)
+        direct = torch.log(0.7 * base_logp.exp() + 0.3 * q.exp())
+        aug = MemoryAugmentedLM(model, mem)  # lam from memory.config.lambda_default
+        assert aug.lam == 0.3
+        got, out = aug(ids, return_base_output=True)
+        assert got.shape == (2, 17, vocab)
+        torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.log_softmax(out.logits.float(), -1), base_logp)
+
+        # Oracle 2: the LM head's input is the last entry of output_hidden_states.
+        mem_head = make_memory(32, vocab, "lm_head", seed=1)
+        hs = model(ids, output_hidden_states=True).hidden_states[-1]
+        q2 = torch.log_softmax(mem_head(hs).float(), -1)
+        direct2 = torch.log(0.5 * base_logp.exp() + 0.5 * q2.exp())
+        torch.testing.assert_close(MemoryAugmentedLM(model, mem_head, lam=0.5)(ids), direct2, rtol=1e-5, atol=1e-5)
+
+        # Attention mask passes through to the base LM.
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(aug(ids, attention_mask=mask), got)
+
+
+def test_memory_augmented_lm_refuses_bad_setup(tiny_llama):
+    vocab = tiny_llama.model.config.vocab_size
+    with pytest.raises(MLPMemError, match="has no module"):
+        MemoryAugmentedLM(tiny_llama, make_memory(32, vocab, "model.layers.9.mlp"))
+    plain = torch.nn.Linear(32, vocab)
+    with pytest.raises(MLPMemError, match="input_site"):
+        MemoryAugmentedLM(tiny_llama, plain, lam=0.2)
+    with pytest.raises(MLPMemError, match="lambda"):
+        MemoryAugmentedLM(tiny_llama, plain, input_site="last")
+    wrong_vocab = MemoryAugmentedLM(tiny_llama, torch.nn.Linear(32, vocab + 3), lam=0.2, input_site="last")
+    with pytest.raises(MLPMemError, match="vocabulary"):
+        with torch.inference_mode():
+            wrong_vocab(torch.zeros(1, 4, dtype=torch.long))
+
+
+def brute_force_knn_logprob(keys, values, queries, targets, k, temperature):
+    d = ((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    out = []
+    for row in range(len(queries)):
+        nn = np.argsort(d[row])[:k]
+        logits = -d[row, nn] / temperature
+        w = np.exp(logits - logits.max())
+        w /= w.sum()
+        p = w[values[nn] == targets[row]].sum()
+        out.append(np.log(p) if p > 0 else -np.inf)
+    return np.array(out)
+
+
+def test_knnlm_equals_brute_force(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d, vocab, k, t = 300, 8, 20, 16, 4.0
+    keys = rng.normal(size=(n, d)).astype(np.float32)
+    values = rng.integers(0, vocab, n).astype(np.int32)
+    queries = rng.normal(size=(25, d)).astype(np.float32)
+    targets = rng.integers(0, vocab, 25)
+    index = faiss.IndexFlatL2(d)
+    index.add(keys)
+    knn = KNNLM(index, values, k=k, temperature=t, lam=0.1, vocab_size=vocab, search_batch=7)
+    got = knn.knn_logprob_of(queries, targets)
+    want = brute_force_knn_logprob(keys, values, queries, targets, k, t)
+    assert np.isneginf(want).any() and np.isfinite(want).any()  # both cases are exercised
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-6)
+    # Another temperature through the same object, and torch queries.
+    want2 = brute_force_knn_logprob(keys, values, queries, targets, k, 0.5)
+    got2 = knn.knn_logprob_of(torch.from_numpy(queries), targets, temperature=0.5)
+    np.testing.assert_allclose(got2[fin], want2[fin], rtol=1e-5, atol=1e-6)
+
+    full = knn.knn_logprobs_full(queries)
+    assert full.shape == (25, vocab) and full.dtype == np.float32
+    np.testing.assert_allclose(np.exp(full).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(full[np.arange(25), targets][fin], got[fin], rtol=1e-5)
+    assert knn.fingerprint == KNNLM(index, values, k=k).fingerprint
+    with pytest.raises(MLPMemError, match="queries must be"):
+        knn.knn_logprob_of(queries[:, :3], targets)
+
+
+def test_knnlm_from_dirs(tmp_path):
+    from mlpmemory.datastore import write_datastore_arrays
+    from mlpmemory.index import build_index
+
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(200, 8)).astype(np.float16)
+    values = rng.integers(0, 30, 200).astype(np.int32)
+    write_datastore_arrays(tmp_path / "ds", keys, values)
+    build_index(tmp_path / "ds", tmp_path / "idx", recall_queries=16, recall_k=8)
+    knn = KNNLM.from_dirs(tmp_path / "idx", tmp_path / "ds", k=10, temperature=2.0, lam=0.2)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    tg = rng.integers(0, 30, 5)
+    want = brute_force_knn_logprob(keys.astype(np.float32), values, q, tg, 10, 2.0)
+    got = knn.knn_logprob_of(q, tg)
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(np.isneginf(got), ~fin)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-6)
+    assert knn.datastore_manifest["n"] == 200 and len(knn.fingerprint) == 16
