@@ -44,7 +44,13 @@ class CaptureSite:
 def _get(root: torch.nn.Module, path: str):
     obj = root
     for part in path.split("."):
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if part.isdigit():
+            try:
+                obj = obj[int(part)]
+            except (IndexError, TypeError, KeyError):
+                return None
+        else:
+            obj = getattr(obj, part, None)
         if obj is None:
             return None
     return obj

@@ -139,14 +139,14 @@ def _preallocate(path: Path, nbytes: int) -> None:
 def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: str | os.PathLike, *,
                     key_site: str = "last", mem_site: str | None = "0.7", block: int = 1024, stride: int = 512,
                     batch_size: int = 8, store_lm_logprob: bool = False, identity: dict | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, token_start: int = 0) -> dict:
     """Build (or finish, or verify) the datastore of one token stream.
 
     ``lm`` is a :class:`mlpmemory.models.LoadedModel`. ``identity`` holds what else must match
     for an existing datastore to be reused (corpus fingerprint, split ...). Re-running a complete
     datastore with the same settings is a no-op; an interrupted one continues from the last
     durable batch and ends byte-identical to an uninterrupted build (same batch composition, same
-    kernels).
+    kernels). ``token_start`` selects the stream ``tokens[token_start : token_start + n_tokens]``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -170,7 +170,8 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
         "model": lm.name, "model_fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None, "dtype": str(lm.dtype).replace("torch.", ""),
         "key_dtype": "float16", "block": block, "stride": stride, "batch_size": batch_size, "n": n, "n_tokens": n_tokens,
-        "dim": hidden, "mem_dim": hidden if msite else None, "arrays": arrays, **(identity or {}),
+        "dim": hidden, "mem_dim": hidden if msite else None, "arrays": arrays, "token_start": token_start,
+        **(identity or {}),
     }
     identity_keys = [k for k in settings if k != "batch_size"]
 
@@ -202,7 +203,7 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
     try:
         for bi in range(start_batch, len(batches)):
             batch = batches[bi]
-            ids = np.stack([read_tokens(token_path, w.begin, w.end) for w in batch]).astype(np.int64)
+            ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end) for w in batch]).astype(np.int64)
             input_ids = torch.from_numpy(ids).to(lm.device)
             with torch.inference_mode(), capture_inputs(model, sites, stop_early=not store_lm_logprob) as cap:
                 result = run_captured(forward, input_ids=input_ids, use_cache=False)

@@ -188,13 +188,17 @@ def _read_meta(path: Path) -> dict:
 
 def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "last", mem_site: str | None = "0.7",
                    block: int = 1024, stride: int = 512, batch_size: int = 8, identity: dict | None = None,
-                   progress: bool = True) -> dict:
-    """The base LM's pass over a text: a datastore with ``lm_logprob`` (resumable); its manifest."""
+                   progress: bool = True, token_start: int = 0) -> dict:
+    """The base LM's pass over a text: a datastore with ``lm_logprob`` (resumable); its manifest.
+
+    The text is ``tokens[token_start : token_start + n_tokens]`` of the int32 stream at ``token_path``.
+    """
     from .datastore import build_datastore
 
+    extra = {"token_start": int(token_start)} if token_start else {}
     return build_datastore(lm, token_path, n_tokens, out_dir, key_site=key_site, mem_site=mem_site, block=block,
                            stride=stride, batch_size=batch_size, store_lm_logprob=True,
-                           identity={"purpose": "eval", **(identity or {})}, progress=progress)
+                           identity={"purpose": "eval", **(identity or {})}, progress=progress, **extra)
 
 
 def _open_eval_dir(eval_dir):
@@ -243,6 +247,12 @@ def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
 
 
 def _check_memory_site(ds, memory) -> None:
+    """The memory must read the stored site, of the base LM it was built for (when it says so)."""
+    base_fp = getattr(getattr(memory, "config", None), "base_fingerprint", None)
+    if base_fp and ds.manifest.get("model_fingerprint") and base_fp != ds.manifest["model_fingerprint"]:
+        raise MLPMemError(f"the memory was built for base model fingerprint {base_fp} but eval dir {ds.path} "
+                          f"was built with {ds.manifest['model_fingerprint']}; rebuild the eval dir with the "
+                          "memory's base model (same weights and dtype)")
     site = getattr(getattr(memory, "config", None), "input_site", None)
     module = site.get("module") if isinstance(site, dict) else None
     stored = (ds.manifest.get("mem_site") or {}).get("module")

@@ -45,6 +45,7 @@ from torch import nn
 from .capture import CaptureSite, _get, resolve_site
 from .errors import MLPMemError
 from .manifest import atomic_write_json, read_json
+from .models import resolve_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -54,7 +55,7 @@ PRESETS = {"tiny": {"n_blocks": 2}, "small": {"n_blocks": 4}, "base": {"n_blocks
 DEFAULT_PRESET = "small"
 
 _LLAMA_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "smollm", "olmo", "granite", "phi3",
-                "internlm", "deepseek", "yi", "cohere2")
+                "internlm", "deepseek")
 _GPT2_TYPES = ("gpt2", "gpt_neo", "gpt_neox", "gptj", "gpt_bigcode", "bloom", "falcon")
 # Where the base's final norm lives, relative to ``model.base_model``.
 _FINAL_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "norm_f", "final_layernorm", "decoder.final_layer_norm")
@@ -240,12 +241,8 @@ class MLPMemory(nn.Module):
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             raise MLPMemError(f"{directory / WEIGHTS_NAME} does not match its config ({first})") from None
-        if isinstance(dtype, str):
-            from .models import _DTYPES
-
-            if dtype not in _DTYPES:
-                raise MLPMemError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-            dtype = _DTYPES[dtype]
+        if isinstance(dtype, str):  # "float32", "bfloat16", "float16" or "auto" (as for the base)
+            dtype = resolve_dtype(dtype, device or "cpu")
         return memory.to(device=device, dtype=dtype).eval()
 
 
@@ -360,7 +357,7 @@ def _sparse_kl(logits32, lse, offsets, token_ids, probs) -> torch.Tensor:
 
 
 def sparse_kl(logits: torch.Tensor, offsets: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """KL(p || softmax(logits)) per row, p given as CSR (offsets (B+1,), token_ids, probs). (B,) float32."""
+    """KL(p || softmax(logits)) per row, (B,) float32; p is CSR: offsets (B+1,) from 0, token_ids, probs."""
     logits32 = logits.float()
     return _sparse_kl(logits32, torch.logsumexp(logits32, dim=-1), offsets, token_ids, probs)
 

@@ -57,6 +57,8 @@ def test_site_specs(tiny_llama):
         resolve_site(model, "1.5")
     with pytest.raises(MLPMemError, match="no module"):
         resolve_site(model, "model.nope.mlp")
+    with pytest.raises(MLPMemError, match="no module"):
+        resolve_site(model, "model.layers.9.mlp")
 
 
 def test_unknown_architecture_says_how_to_name_the_module():

@@ -189,3 +189,10 @@ def test_perplexity_helpers(tiny_tokenizer):
     assert text_bytes(tiny_tokenizer, ids) == len(tiny_tokenizer.decode(ids[1:]).encode("utf-8"))
     with pytest.raises(MLPMemError):
         perplexity(np.zeros(0))
+
+
+def test_memory_for_another_base_is_refused(setup):
+    mem = make_memory(setup.vocab, 0)
+    mem.config.base_fingerprint = "0123456789abcdef"
+    with pytest.raises(MLPMemError, match="base model fingerprint"):
+        score_components(setup.root / "valid", memory=mem, progress=False)

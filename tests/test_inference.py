@@ -171,3 +171,23 @@ def test_knnlm_from_dirs(tmp_path):
     np.testing.assert_array_equal(np.isneginf(got), ~fin)
     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-6)
     assert knn.datastore_manifest["n"] == 200 and len(knn.fingerprint) == 16
+
+
+def test_with_the_real_mlp_memory(tiny_llama, tmp_path):
+    """The project's MLPMemory plugs in through config.input_site / lambda_default alone."""
+    from mlpmemory.memory import MLPMemory, build_memory, memory_config_for
+
+    cfg = memory_config_for(tiny_llama, "0.5", n_blocks=1, lambda_default=0.4, head_init="random")
+    build_memory(tiny_llama, cfg).save_pretrained(tmp_path / "mem")
+    mem = MLPMemory.from_pretrained(tmp_path / "mem", base=tiny_llama)
+    aug = MemoryAugmentedLM(tiny_llama, mem)
+    assert aug.lam == 0.4 and aug.site.module_path == cfg.input_site["module"]
+    ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        seen = {}
+        module = dict(tiny_llama.model.named_modules())[cfg.input_site["module"]]
+        handle = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].clone()))
+        base = torch.log_softmax(tiny_llama.model(ids).logits.float(), -1)
+        handle.remove()
+        q = torch.log_softmax(mem(seen["x"]).float(), -1)
+        torch.testing.assert_close(aug(ids), torch.log(0.6 * base.exp() + 0.4 * q.exp()), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,295 @@
+"""Training the MLP Memory to imitate the kNN retriever: alpha * KL(p_kNN || p_mem) + (1 - alpha) * CE.
+
+Why it looks like this:
+- Targets stay sparse end to end (CSR rows from ``targets.py``); the KL needs log p_mem only at
+  each row's non-zero tokens, so nothing of vocabulary size is built per target (the official
+  code materialises dense |V| targets: ~1.6 GB per batch).
+- Offline mode reads the memory-input hidden states stored with the datastore; online mode
+  recomputes them with the frozen base LM through the same hooks (for corpora whose hidden
+  states are too big to store). Both round the states through float16, as the datastore does,
+  so the two modes feed the memory identical inputs.
+- Resumable and exact: the data order is a pure function of (seed, epoch, step) and a checkpoint
+  holds weights, AdamW moments and the step, so a killed run restarted with the same seed ends
+  with the same weights as an uninterrupted one. A non-finite loss stops training with the last
+  good checkpoint intact.
+- Validation: a fixed random slice of datastore rows never trained on, for the loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import MLPMemError
+from .manifest import atomic_write_json, read_json, sha256_json, write_manifest
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainSettings:
+    alpha: float = 0.4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.03
+    epochs: float = 1.0
+    batch_rows: int = 1024
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_rows: int = 2048
+    checkpoint_every: int = 100
+    mode: str = "offline"
+    autocast: str = "auto"
+
+
+def lr_at(step: int, total: int, s: TrainSettings) -> float:
+    """Linear warmup then linear decay to zero (METHOD.md §2.7)."""
+    warm = max(1, int(round(s.warmup * total)))
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    return s.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def split_rows(n: int, val_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    val = np.sort(perm[: min(val_rows, n // 10)])
+    train = np.sort(perm[len(val):])
+    return train, val
+
+
+def batch_rows_at(train_rows: np.ndarray, step: int, batch: int, seed: int) -> np.ndarray:
+    """The rows of a global step: a pure function of (seed, epoch, step) so resume is exact."""
+    per_epoch = max(1, len(train_rows) // batch)
+    epoch, b = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(train_rows))
+    return np.sort(train_rows[order[b * batch:(b + 1) * batch]])
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "off" or name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    from .models import resolve_dtype
+
+    dt = resolve_dtype("auto", device)
+    return dt if dt != torch.float32 else None
+
+
+class OfflineInputs:
+    """Memory inputs read from the datastore's stored hidden states."""
+
+    def __init__(self, datastore):
+        if datastore.mem_inputs is None:
+            raise MLPMemError(f"datastore {datastore.path} has no stored memory inputs; rebuild it with "
+                              "--store-mem-inputs or train with --train-mode online")
+        self.mem = datastore.mem_inputs
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.mem[rows], dtype=np.float32))
+
+
+class OnlineInputs:
+    """Memory inputs recomputed by the frozen base LM over the windows that contain the rows."""
+
+    def __init__(self, lm, datastore, token_path: str | os.PathLike):
+        from .capture import resolve_site
+        from .corpus import sliding_windows
+
+        m = datastore.manifest
+        if m.get("mem_site") is None:
+            raise MLPMemError("the datastore records no memory-input site; rebuild it with --mem-site")
+        self.lm, self.token_path, self.start = lm, token_path, int(m.get("token_start", 0))
+        self.site = resolve_site(lm.model, m["mem_site"]["module"])
+        self.windows = sliding_windows(int(m["n_tokens"]), int(m["block"]), int(m["stride"]))
+        # row r (target position r+1) lives in the window whose scored range holds r+1
+        self.first_rows = np.array([w.first_target - 1 for w in self.windows], dtype=np.int64)
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        from .capture import capture_inputs, run_captured
+        from .datastore import read_tokens
+
+        win_of = np.searchsorted(self.first_rows, rows, side="right") - 1
+        needed = np.unique(win_of)
+        ids = np.stack([read_tokens(self.token_path, self.start + self.windows[w].begin, self.start + self.windows[w].end)
+                        for w in needed]).astype(np.int64)
+        with torch.inference_mode(), capture_inputs(self.lm.model, [self.site], stop_early=True) as cap:
+            run_captured(self.lm.model.base_model, input_ids=torch.from_numpy(ids).to(self.lm.device), use_cache=False)
+        states = cap[self.site.module_path].to(torch.float16).float().cpu()
+        slot = {w: i for i, w in enumerate(needed)}
+        out = torch.empty(len(rows), states.shape[-1])
+        for j, (r, w) in enumerate(zip(rows, win_of)):
+            out[j] = states[slot[w], r - self.windows[w].begin]  # hidden state at position r (predicts r+1)
+        return out
+
+
+def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in memory.state_dict().items()}, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
+    for pid, st in optimizer.state_dict()["state"].items():
+        for key, val in st.items():
+            opt_tensors[f"{pid}.{key}"] = torch.as_tensor(val).detach().contiguous().clone()
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "optimizer.json", opt_meta)
+    atomic_write_json(tmp / "state.json", state)
+    final = out / CHECKPOINT
+    old = out / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
+    ck = out / CHECKPOINT
+    if not (ck / "state.json").exists():
+        old = out / (CHECKPOINT + ".old")  # crash between the two renames
+        if not (old / "state.json").exists():
+            return None
+        ck = old
+    memory.load_state_dict(load_file(str(ck / "model.safetensors")))
+    tensors = load_file(str(ck / "optimizer.safetensors"))
+    meta = read_json(ck / "optimizer.json")
+    state: dict = {}
+    for name, val in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = val
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return read_json(ck / "state.json")
+
+
+def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, settings: TrainSettings, *,
+                 inputs=None, device: torch.device | str = "cpu", progress: bool = True,
+                 identity: dict | None = None, stop_after_steps: int | None = None) -> dict:
+    """Train ``memory`` on (datastore inputs, kNN targets); save it to ``out_dir``; return its manifest.
+
+    Re-running a finished training with the same settings is a no-op; an interrupted one resumes
+    from its last checkpoint. ``stop_after_steps`` ends the process early, as a kill would (tests).
+    """
+    from tqdm.auto import tqdm
+
+    from .memory import memory_loss
+
+    out = Path(out_dir)
+    device = torch.device(device)
+    s = settings
+    if not 0.0 <= s.alpha <= 1.0:
+        raise MLPMemError(f"--alpha must be within [0, 1], got {s.alpha}")
+    if len(targets) != datastore.n:
+        raise MLPMemError(f"targets have {len(targets)} rows but the datastore has {datastore.n}; rebuild the targets")
+    fingerprint = sha256_json({"settings": asdict(s), "memory_config": memory.config.to_dict(),
+                               "targets": targets.manifest.get("settings"), **(identity or {})})
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        found = read_json(manifest_path)
+        if found.get("complete") and found.get("training_fingerprint") == fingerprint:
+            return found
+    inputs = inputs or OfflineInputs(datastore)
+    train_rows, val_rows = split_rows(datastore.n, s.val_rows, s.seed)
+    if len(train_rows) < 1:
+        raise MLPMemError("the datastore is too small to train on")
+    batch = min(s.batch_rows, len(train_rows))
+    total = max(1, int(math.ceil(s.epochs * (len(train_rows) // batch or 1))))
+
+    torch.manual_seed(s.seed)
+    memory.to(device).train()
+    decay, no_decay = [], []
+    for name, p in memory.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    state = {"step": 0, "fingerprint": fingerprint, "log": []}
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = _load_checkpoint(out, memory, optimizer)
+    if loaded is not None and loaded.get("fingerprint") == fingerprint:
+        state = loaded
+    elif loaded is not None:
+        raise MLPMemError(f"{out} holds a checkpoint of a different training run (other settings); "
+                          "delete it or choose another output directory")
+    amp = autocast_dtype(s.autocast, device)
+    vocab_params = memory.config.vocab_size * memory.config.hidden_size
+    flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
+    bar = tqdm(total=total, initial=state["step"], desc="train memory", unit="step", disable=not progress)
+    t0, rows_done = time.perf_counter(), 0
+    last = {}
+    try:
+        while state["step"] < total:
+            step = state["step"]
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return {}
+            rows = batch_rows_at(train_rows, step, batch, s.seed)
+            offsets, ids, probs, nxt = targets.get(rows)
+            x = inputs(rows).to(device)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total, s)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = memory(x)
+            loss, kl, ce = memory_loss(logits, torch.from_numpy(offsets).to(device), torch.from_numpy(ids).to(device),
+                                       torch.from_numpy(probs).to(device), torch.from_numpy(nxt.astype(np.int64)).to(device),
+                                       alpha=s.alpha)
+            if not torch.isfinite(loss):
+                raise MLPMemError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
+                                  f"(step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in {out / CHECKPOINT}; "
+                                  "lower --lr or check the targets")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), s.grad_clip)
+            optimizer.step()
+            state["step"] = step + 1
+            rows_done += len(rows)
+            elapsed = time.perf_counter() - t0
+            last = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "grad_norm": float(gnorm),
+                    "lr": optimizer.param_groups[0]["lr"], "rows_per_s": rows_done / elapsed}
+            bar.set_postfix(loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}", ce=f"{last['ce']:.3f}",
+                            tok_s=f"{last['rows_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if state["step"] % s.checkpoint_every == 0 or state["step"] == total:
+                state["log"].append(last)
+                _save_checkpoint(out, memory, optimizer, state)
+    finally:
+        bar.close()
+    val = evaluate_loss(memory, inputs, targets, val_rows, s.alpha, device, amp)
+    memory.eval()
+    memory.save_pretrained(out)
+    train_seconds = time.perf_counter() - t0
+    manifest = write_manifest(out, {
+        "training_fingerprint": fingerprint, "settings": asdict(s), "steps": total, "batch_rows": batch,
+        "train_rows": int(len(train_rows)), "val_rows": int(len(val_rows)), "final_train": last, "validation": val,
+        "memory_params": int(sum(p.numel() for p in memory.parameters())), "head_params": int(vocab_params),
+        "rows_per_s_this_session": rows_done / train_seconds if rows_done else None,
+        "flops_per_row": flops_per_row, "log": state["log"], **(identity or {}),
+    })
+    return manifest
+
+
+@torch.no_grad()
+def evaluate_loss(memory, inputs, targets, rows: np.ndarray, alpha: float, device, amp, batch: int = 1024) -> dict:
+    from .memory import memory_loss
+
+    memory.eval()
+    tot = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+    for i in range(0, len(rows), batch):
+        r = rows[i:i + batch]
+        offsets, ids, probs, nxt = targets.get(r)
+        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
+            logits = memory(inputs(r).to(device))
+        loss, kl, ce = memory_loss(logits, torch.from_numpy(offsets).to(device), torch.from_numpy(ids).to(device),
+                                   torch.from_numpy(probs).to(device), torch.from_numpy(nxt.astype(np.int64)).to(device),
+                                   alpha=alpha)
+        for k, v in (("loss", loss), ("kl", kl), ("ce", ce)):
+            tot[k] += v.item() * len(r)
+    memory.train()
+    return {k: v / max(1, len(rows)) for k, v in tot.items()}
