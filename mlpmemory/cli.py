@@ -18,13 +18,16 @@ from .errors import MLPMemError
 
 # Every stage accepts every option: settings are saved with the run directory, so an option given
 # early (say --k with `mlpmem datastore`) is remembered for the stages that use it.
-ALL_GROUPS = ["run", "corpus", "datastore", "index", "targets"]
-STAGE_GROUPS = {stage: ALL_GROUPS for stage in ("corpus", "datastore", "index", "targets", "run")}
+ALL_GROUPS = ["run", "corpus", "datastore", "index", "targets", "train", "eval"]
+STAGES = ("corpus", "datastore", "index", "targets", "train", "eval-ppl", "run")
+STAGE_GROUPS = {stage: ALL_GROUPS for stage in STAGES}
 STAGE_HELP = {
     "corpus": "tokenise the corpus into train / held-out token streams",
     "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
     "index": "build the FAISS index over the datastore keys",
     "targets": "compute the sparse kNN target distribution of every datastore row",
+    "train": "train the MLP memory on the kNN targets (alpha * KL + (1 - alpha) * CE)",
+    "eval-ppl": "perplexity of base / +kNN-LM / +MLP memory on identical windows; lambda and T chosen on validation",
     "run": "the main job: every stage on the chosen preset, skipping finished ones, then the results table",
 }
 
@@ -88,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             print(pipeline.format_table(results))
             print(f"\nresults: {run.dir / 'results.json'}")
         else:
-            manifest = getattr(pipeline, f"stage_{command}")(run)
-            print(f"{command}: complete in {run.path(command)}")
+            stage = command.replace("-ppl", "")
+            manifest = getattr(pipeline, f"stage_{stage}")(run)
+            if stage == "eval":
+                from .evaluate import format_ppl_table
+
+                print(format_ppl_table(manifest))
+            print(f"{command}: complete in {run.path(stage if stage != 'train' else 'memory')}")
             _print_brief(manifest)
     except MLPMemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_brief(manifest: dict) -> None:
-    for key in ("n", "n_tokens", "dim", "factory", "recall", "search_qps", "k", "temperature", "mean_nonzeros"):
+    for key in ("n", "n_tokens", "dim", "factory", "recall", "search_qps", "k", "temperature", "mean_nnz",
+                "memory_params", "validation"):
         if key in manifest:
             print(f"  {key}: {manifest[key]}")
 

@@ -60,6 +60,31 @@ class Config:
     min_prob: float = opt(1e-6, "drop target probabilities below this, then re-normalise", "targets")
     shard_rows: int = opt(16_384, "rows per resumable target shard", "targets")
     search_batch: int = opt(1024, "queries per FAISS search call", "targets")
+    # -- memory + training -------------------------------------------------------------------
+    memory_preset: str = opt("small", "memory size preset: tiny (2 blocks), small (4), base (8), parity (as many "
+                                      "parameters as the base LM); ignored when --memory-blocks/--memory-param-ratio is set",
+                             "train", choices=["tiny", "small", "base", "parity"])
+    memory_blocks: int | None = opt(None, "number of residual FFN blocks in the memory", "train")
+    memory_param_ratio: float | None = opt(None, "size the memory to this many times the base LM's parameters", "train")
+    head_init: str = opt("embedding", "memory LM head initialisation: 'embedding' (copy the base LM's output "
+                                      "embedding) or 'random'", "train", choices=["embedding", "random"])
+    alpha: float = opt(0.4, "loss weight of KL(p_kNN || p_mem); 1 - alpha goes to cross-entropy on the next token", "train")
+    lr: float = opt(1e-3, "peak AdamW learning rate (linear warmup, then linear decay)", "train")
+    epochs: float = opt(1.0, "passes over the datastore rows (fractions allowed)", "train")
+    train_batch: int = opt(1024, "datastore rows per training step", "train")
+    warmup: float = opt(0.03, "fraction of steps spent warming up the learning rate", "train")
+    weight_decay: float = opt(0.0, "AdamW weight decay", "train")
+    grad_clip: float = opt(1.0, "gradient norm clip", "train")
+    seed: int = opt(0, "seed of initialisation and data order", "train")
+    checkpoint_every: int = opt(100, "steps between resumable checkpoints", "train")
+    train_mode: str = opt("offline", "offline: stored hidden states; online: recompute them with the base LM",
+                          "train", choices=["offline", "online"])
+    val_rows: int = opt(2048, "datastore rows held out of training for the validation loss", "train")
+    # -- evaluation --------------------------------------------------------------------------
+    lambdas: str = opt("0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9",
+                       "comma-separated interpolation weights swept on the validation slice", "eval")
+    eval_text: str | None = opt(None, "score this text file/corpus instead of the held-out test half "
+                                      "(lambda and T are still chosen on the held-out validation slice)", "eval")
 
     def validate(self) -> "Config":
         if not 2 <= self.block:
@@ -76,10 +101,24 @@ class Config:
                     raise ValueError
             except ValueError:
                 raise MLPMemError(f"--temperature must be 'auto' or a positive number, got {self.temperature!r}") from None
-        for name in ("batch_size", "tune_tokens", "shard_rows", "search_batch", "nprobe"):
+        try:
+            lams = self.lambda_list()
+        except ValueError:
+            raise MLPMemError(f"--lambdas must be comma-separated numbers, got {self.lambdas!r}") from None
+        if not lams or any(not 0.0 <= x <= 1.0 for x in lams):
+            raise MLPMemError(f"--lambdas must be numbers within [0, 1], got {self.lambdas!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise MLPMemError(f"--alpha must be within [0, 1], got {self.alpha}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise MLPMemError("--epochs and --lr must be positive")
+        for name in ("batch_size", "tune_tokens", "shard_rows", "search_batch", "nprobe", "train_batch",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise MLPMemError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         return self
+
+    def lambda_list(self) -> list[float]:
+        return [float(x) for x in str(self.lambdas).split(",") if x.strip()]
 
     def to_dict(self) -> dict:
         return asdict(self)

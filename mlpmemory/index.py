@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def _to_gpu(index):
     try:
         return faiss.index_cpu_to_all_gpus(index), True
     except RuntimeError as e:  # e.g. a PQ layout the GPU kernels do not support
-        print(f"[index] GPU FAISS cannot hold this index ({str(e).splitlines()[0]}); building on CPU")
+        print(f"[index] GPU FAISS cannot hold this index ({str(e).splitlines()[0]}); building on CPU", file=sys.stderr)
         return index, False
 
 
@@ -212,7 +213,7 @@ def build_index(datastore_dir, index_dir, *, factory: str = "auto", flat_max_row
         xt = np.empty((len(rows), d), np.float32)
         for s in range(0, len(rows), add_batch):
             xt[s:s + add_batch] = ds.keys[rows[s:s + add_batch]]
-        print(f"[index] training {resolved} on {len(rows):,} of {n:,} keys")
+        print(f"[index] training {resolved} on {len(rows):,} of {n:,} keys", file=sys.stderr)
         t0 = time.perf_counter()
         try:
             index.train(xt)
@@ -251,7 +252,7 @@ def build_index(datastore_dir, index_dir, *, factory: str = "auto", flat_max_row
         "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path),
     }
     print(f"[index] {resolved}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
-          f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s")
+          f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s", file=sys.stderr)
     return write_manifest(index_dir, fields)
 
 

@@ -8,6 +8,10 @@ Run directory layout::
     <run_dir>/tune/            validation slice of the held-out split (keys + base LM log-probs)
     <run_dir>/index/           FAISS index over datastore keys
     <run_dir>/targets/         sparse kNN target distributions, in shards
+    <run_dir>/memory/          the trained MLP memory (config.json + model.safetensors) and checkpoint
+    <run_dir>/eval_test/       base-LM pass over the test half of the held-out split (or --eval-text)
+    <run_dir>/eval/            ppl.json + ppl_validation.png (perplexity of every system, lambda sweep)
+    <run_dir>/results.json     the main job's summary
 
 The held-out split is cut in two halves by position: the first half (``validation``) is where
 settings such as T and lambda are chosen; the second half (``test``) is only ever reported on.
@@ -20,9 +24,12 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .manifest import atomic_write_json, check_fields, is_complete, read_json, read_manifest
+from .errors import MLPMemError
+from .manifest import (atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json,
+                       write_manifest)
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
+MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
 
 
 def log(msg: str) -> None:
@@ -89,7 +96,6 @@ def validation_tokens(corpus_manifest: dict, tune_tokens: int) -> int:
 
 def stage_datastore(run: Run) -> dict:
     from .datastore import build_datastore
-    from .errors import MLPMemError
 
     cfg = run.cfg
     corpus = stage_corpus(run)
@@ -135,9 +141,93 @@ def stage_targets(run: Run) -> dict:
         min_prob=cfg.min_prob, shard_rows=cfg.shard_rows, batch=cfg.search_batch, nprobe=cfg.nprobe))
 
 
+def stage_train(run: Run) -> dict:
+    from .datastore import open_datastore
+    from .memory import build_memory, memory_config_for
+    from .targets import open_targets
+    from .train import OnlineInputs, TrainSettings, train_memory
+
+    cfg = run.cfg
+    if not is_complete(run.path(TARGETS)):
+        stage_targets(run)
+    ds = open_datastore(run.path(DATASTORE))
+    targets = open_targets(run.path(TARGETS), ds.manifest)
+    lm = run.lm
+    if ds.manifest["model_fingerprint"] != lm.fingerprint:
+        raise MLPMemError(f"the datastore in {run.path(DATASTORE)} was built with another model or dtype than "
+                          f"{cfg.model} ({cfg.dtype}); use the same --model/--dtype or another --run-dir")
+    if ds.manifest.get("mem_site") is None:
+        raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
+    settings = TrainSettings(alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                             epochs=cfg.epochs, batch_rows=cfg.train_batch, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                             val_rows=cfg.val_rows, checkpoint_every=cfg.checkpoint_every, mode=cfg.train_mode)
+    sizing = ({"n_blocks": cfg.memory_blocks} if cfg.memory_blocks else
+              {"param_ratio": cfg.memory_param_ratio} if cfg.memory_param_ratio else {"preset": cfg.memory_preset})
+
+    def go():
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=cfg.head_init, **sizing)
+        memory = build_memory(lm, mcfg)
+        inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if cfg.train_mode == "online" else None
+        log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, input {ds.manifest['mem_site']['module']}")
+        return train_memory(memory, ds, targets, run.path(MEMORY), settings, inputs=inputs, device=lm.device,
+                            identity={"datastore_fingerprint": sha256_json(ds.manifest)})
+    return run.timed(MEMORY, go)
+
+
+def stage_eval(run: Run) -> dict:
+    """Perplexity of base, +kNN-LM and +MLP memory on the test text, settings chosen on validation."""
+    from .evaluate import build_eval_dir, evaluate_ppl, memory_dir_fingerprint
+    from .inference import KNNLM
+    from .memory import MLPMemory
+
+    cfg = run.cfg
+    if not is_complete(run.path(MEMORY)):
+        stage_train(run)
+    lm = run.lm
+    corpus = read_manifest(run.path(CORPUS), "corpus")
+    common = dict(key_site=cfg.key_site, mem_site=cfg.mem_site, block=cfg.block, stride=cfg.stride,
+                  batch_size=cfg.batch_size)
+    if cfg.eval_text:
+        from .corpus import tokenize_corpus
+
+        tdir = run.dir / "eval_text_tokens"
+        tm = tokenize_corpus(cfg.eval_text, lm.tokenizer, tdir, tokenizer_fingerprint=lm.tokenizer_fingerprint,
+                             heldout_fraction=0.0, text_field=cfg.text_field, skip_bad_utf8=cfg.skip_bad_utf8,
+                             cache_dir=cfg.cache_dir)
+        test_dir, token_path, start, n = run.dir / "eval_text", tdir / "train.i32", 0, tm["n_tokens"]["train"]
+        identity = {"corpus_fingerprint": tm["corpus_fingerprint"], "split": "eval-text"}
+    else:
+        n_held = corpus["n_tokens"]["heldout"]
+        test_dir, token_path, start, n = run.path(EVAL_TEST), run.path(CORPUS) / "heldout.i32", n_held // 2, n_held - n_held // 2
+        identity = {"corpus_fingerprint": corpus["corpus_fingerprint"], "split": "heldout-test"}
+    if n < 2:
+        raise MLPMemError("the test text is empty: raise --max-heldout-tokens / --heldout-fraction or give --eval-text")
+    run.timed(test_dir.name, lambda: build_eval_dir(lm, token_path, n, test_dir, identity=identity, token_start=start,
+                                                    **common))
+    tg = read_manifest(run.path(TARGETS), "targets")
+    memory = MLPMemory.from_pretrained(run.path(MEMORY), base=lm, device=lm.device)
+    knn = KNNLM.from_dirs(run.path(INDEX), run.path(DATASTORE), k=int(tg["k"]), temperature=float(tg["temperature"]),
+                          nprobe=cfg.nprobe)
+    mem_fp = memory_dir_fingerprint(run.path(MEMORY))
+    key = sha256_json({"memory": mem_fp, "knn": knn.fingerprint, "k": knn.k, "T": knn.temperature,
+                       "valid": read_manifest(run.path(TUNE)), "test": read_manifest(test_dir), "lambdas": cfg.lambda_list()})
+    if is_complete(run.path(EVAL)) and read_json(run.path(EVAL) / "manifest.json").get("inputs") == key:
+        log("eval: already complete")
+        return read_json(run.path(EVAL) / "ppl.json")
+    (run.path(EVAL) / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
+    result = run.timed(EVAL, lambda: evaluate_ppl(run.path(TUNE), test_dir, run.path(EVAL), tokenizer=lm.tokenizer,
+                                                  memory=memory, memory_fingerprint=mem_fp, knn=knn,
+                                                  lambdas=cfg.lambda_list()))
+    write_manifest(run.path(EVAL), {"inputs": key, "report": "ppl.json"})
+    return result
+
+
 def run_all(run: Run) -> dict:
     """Every stage, skipping finished ones; returns the results dict (also saved as results.json)."""
-    stage_targets(run)
+    stage_eval(run)
     return summarize(run)
 
 
@@ -146,6 +236,9 @@ def summarize(run: Run) -> dict:
     ds = read_manifest(run.path(DATASTORE), "datastore")
     idx = read_manifest(run.path(INDEX), "index")
     tg = read_manifest(run.path(TARGETS), "targets")
+    mem = read_manifest(run.path(MEMORY), "memory")
+    ev = read_json(run.path(EVAL) / "ppl.json")
+    systems = ev["test"]["systems"]
     sel = tg.get("temperature_selection") or {}
     results = {
         "model": run.cfg.model,
@@ -158,8 +251,15 @@ def summarize(run: Run) -> dict:
         "targets_search_qps": tg.get("queries_per_s"),
         "targets": {"k": tg.get("k"), "temperature": tg.get("temperature"), "mean_nonzeros": tg.get("mean_nnz")},
         "temperature_grid": sel.get("grid"),
-        "ppl": {"base": sel.get("base_ppl"),
-                "knn_lm_validation": min((g["knn_lm_ppl"] for g in sel.get("grid", [])), default=None)},
+        "ppl": {"base": systems["base"]["ppl"], "knn_lm": systems["knn_lm"]["ppl"],
+                "mlp_memory": systems["memory"]["ppl"], "memory_alone": systems["memory"].get("memory_alone_ppl")},
+        "bits_per_byte": {k: v.get("bits_per_byte") for k, v in systems.items()},
+        "tokens_scored": ev["test"]["tokens_scored"],
+        "validation_tokens": ev["validation"]["tokens_scored"],
+        "chosen": {"mlp_memory": {"lambda": systems["memory"]["lambda"]},
+                   "knn_lm": {"lambda": systems["knn_lm"]["lambda"], "T": systems["knn_lm"]["T"], "k": tg.get("k")}},
+        "memory": {"params": mem["memory_params"], "blocks": read_json(run.path(MEMORY) / "config.json").get("n_blocks"), "steps": mem["steps"],
+                   "train_rows_per_s": mem.get("rows_per_s_this_session"), "validation": mem.get("validation")},
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
         "settings": run.cfg.to_dict(),
     }
@@ -168,25 +268,35 @@ def summarize(run: Run) -> dict:
 
 
 def format_table(results: dict) -> str:
+    """The main job's results: test perplexity of every system, then what produced it."""
+    ppl, bpb, ch = results["ppl"], results["bits_per_byte"], results["chosen"]
+
+    def pct(x):
+        return f"{100 * (x / ppl['base'] - 1):+.2f}%"
+
+    lines = [f"Held-out test perplexity ({results['tokens_scored']:,} tokens; lambda/T chosen on "
+             f"{results['validation_tokens']:,} validation tokens)", "",
+             "| system | test PPL | vs base | bits/byte | setting |", "|---|---|---|---|---|",
+             f"| base LM | {ppl['base']:.3f} | | {bpb['base']:.4f} | |",
+             f"| + kNN-LM | {ppl['knn_lm']:.3f} | {pct(ppl['knn_lm'])} | {bpb['knn_lm']:.4f} | "
+             f"lambda={ch['knn_lm']['lambda']}, T={ch['knn_lm']['T']:.3g}, k={ch['knn_lm']['k']} |",
+             f"| + MLP memory | {ppl['mlp_memory']:.3f} | {pct(ppl['mlp_memory'])} | {bpb['memory']:.4f} | "
+             f"lambda={ch['mlp_memory']['lambda']} |", ""]
+    m = results["memory"]
     rows = [
         ("model", results["model"]),
         ("corpus tokens (train / held-out)", f"{results['tokens']['train']:,} / {results['tokens']['heldout']:,}"),
         ("datastore rows", f"{results['datastore_rows']:,}"),
-        ("key site / memory-input site", f"layer {results['key_site']['layer']} / "
-                                          f"{(results['mem_site'] or {}).get('layer')}"),
-        ("index", f"{results['index']['factory']} (recall {results['index']['recall']})"),
-        ("targets", f"k={results['targets']['k']}, T={results['targets']['temperature']:.3g}, "
-                    f"{results['targets']['mean_nonzeros']:.1f} tokens/row, {results['targets_search_qps']:.0f} queries/s"),
-        ("base PPL (validation slice)", f"{results['ppl']['base']:.2f}" if results["ppl"]["base"] else "-"),
-        ("kNN-LM PPL (validation slice, best lambda)",
-         f"{results['ppl']['knn_lm_validation']:.2f}" if results["ppl"]["knn_lm_validation"] else "-"),
+        ("kNN key site / memory-input site", f"layer {results['key_site']['layer']} / layer "
+                                              f"{(results['mem_site'] or {}).get('layer')}"),
+        ("index", f"{results['index']['factory']} (recall@64 {results['index']['recall']:.3f})"),
+        ("targets", f"k={results['targets']['k']}, T={results['targets']['temperature']:.3g} (auto), "
+                    f"{results['targets']['mean_nonzeros']:.1f} tokens/row"),
+        ("memory", f"{m['blocks']} blocks, {m['params'] / 1e6:.1f}M params, {m['steps']} steps, "
+                   f"validation KL {m['validation']['kl']:.3f} / CE {m['validation']['ce']:.3f}"),
+        ("memory alone (test PPL)", f"{ppl['memory_alone']:.2f}"),
     ]
     rows += [(f"time: {k}", f"{v:.1f}s") for k, v in results["stage_seconds"].items()]
     w = max(len(r[0]) for r in rows)
-    lines = [f"| {'':<{w}} | value |", f"|{'-' * (w + 2)}|-------|"]
-    lines += [f"| {a:<{w}} | {b} |" for a, b in rows]
-    if results.get("temperature_grid"):
-        lines += ["", "| T | kNN-LM PPL | best lambda | kNN-only PPL |", "|---|---|---|---|"]
-        lines += [f"| {g['T']:.3g} | {g['knn_lm_ppl']:.2f} | {g['best_lambda']} | {g['knn_only_ppl']:.1f} |"
-                  for g in results["temperature_grid"]]
+    lines += [f"| {'':<{w}} | |", f"|{'-' * (w + 2)}|---|"] + [f"| {a:<{w}} | {b} |" for a, b in rows]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
         if k_explicit:
             raise MLPMemError(f"k={k} is larger than the datastore ({n} rows, so at most {n - 1} neighbours "
                               "besides a row itself); choose a smaller k")
-        print(f"[targets] k={k} capped at {n - 1} (the datastore has {n} rows)")
+        print(f"[targets] k={k} capped at {n - 1} (the datastore has {n} rows)", file=sys.stderr)
         k = n - 1
     if not (0.0 <= min_prob < 1.0):
         raise MLPMemError(f"min_prob must be in [0, 1), got {min_prob}")
@@ -280,7 +281,7 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
         if temperature == "auto":
             selection = choose_temperature(index, ds.values, heldout, k=k, min_prob=min_prob)
             print(f"[targets] auto temperature: T={selection['temperature']:.4g} "
-                  f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})")
+                  f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})", file=sys.stderr)
         else:
             selection = None
         t_final = float(selection["temperature"]) if selection else float(temperature)
@@ -327,7 +328,7 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
               "datastore_fingerprint": ds_fp, "index_fingerprint": settings["index_fingerprint"],
               "search_seconds": search_s, "queries_per_s": n / search_s if search_s > 0 else None}
     print(f"[targets] {n:,} rows, {nnz / n:.1f} non-zeros per row, T={t_final:.4g}, "
-          f"{fields['queries_per_s'] or 0:.0f} queries/s")
+          f"{fields['queries_per_s'] or 0:.0f} queries/s", file=sys.stderr)
     return write_manifest(targets_dir, fields)
 
 

@@ -38,8 +38,10 @@ def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
     argv = ["run", *args_for(tmp_path / "run", tiny_llama.path, corpus_dir)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "kNN-LM PPL" in out and "datastore rows" in out
+    assert "+ kNN-LM" in out and "+ MLP memory" in out and "datastore rows" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["ppl"]) >= {"base", "knn_lm", "mlp_memory"} and results["tokens_scored"] > 0
+    assert all(1.0 < results["ppl"][k] < 1000 for k in ("base", "knn_lm", "mlp_memory"))
     corpus = json.loads((tmp_path / "run" / "corpus" / "manifest.json").read_text())
     assert results["datastore_rows"] == corpus["n_tokens"]["train"] - 1
     assert results["targets"]["k"] == 8
