@@ -296,7 +296,9 @@ def format_table(results: dict) -> str:
                    f"validation KL {m['validation']['kl']:.3f} / CE {m['validation']['ce']:.3f}"),
         ("memory alone (test PPL)", f"{ppl['memory_alone']:.2f}"),
     ]
-    rows += [(f"time: {k}", f"{v:.1f}s") for k, v in results["stage_seconds"].items()]
+    order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, EVAL_TEST, EVAL]
+    times = results["stage_seconds"]
+    rows += [(f"time: {k}", f"{times[k]:.1f}s") for k in sorted(times, key=lambda k: order.index(k) if k in order else 99)]
     w = max(len(r[0]) for r in rows)
     lines += [f"| {'':<{w}} | |", f"|{'-' * (w + 2)}|---|"] + [f"| {a:<{w}} | {b} |" for a, b in rows]
     return "\n".join(lines)
