@@ -74,6 +74,22 @@ def batch_rows_at(train_rows: np.ndarray, step: int, batch: int, seed: int) -> n
     return np.sort(train_rows[order[b * batch:(b + 1) * batch]])
 
 
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul in the training dtype on this device: the roofline we compare to."""
+    dt = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    a @ b  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "off" or name == "float32":
         return None
@@ -223,6 +239,7 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     vocab_params = memory.config.vocab_size * memory.config.hidden_size
     flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
     bar = tqdm(total=total, initial=state["step"], desc="train memory", unit="step", disable=not progress)
+    peak = measure_matmul_peak(device, amp) if state["step"] < total else None
     t0, rows_done = time.perf_counter(), 0
     last = {}
     try:
@@ -261,16 +278,19 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
                 _save_checkpoint(out, memory, optimizer, state)
     finally:
         bar.close()
+    loop_seconds = time.perf_counter() - t0
     val = evaluate_loss(memory, inputs, targets, val_rows, s.alpha, device, amp)
     memory.eval()
     memory.save_pretrained(out)
-    train_seconds = time.perf_counter() - t0
+    rows_per_s = rows_done / loop_seconds if rows_done else None
     manifest = write_manifest(out, {
         "training_fingerprint": fingerprint, "settings": asdict(s), "steps": total, "batch_rows": batch,
         "train_rows": int(len(train_rows)), "val_rows": int(len(val_rows)), "final_train": last, "validation": val,
         "memory_params": int(sum(p.numel() for p in memory.parameters())), "head_params": int(vocab_params),
-        "rows_per_s_this_session": rows_done / train_seconds if rows_done else None,
-        "flops_per_row": flops_per_row, "log": state["log"], **(identity or {}),
+        "rows_per_s_this_session": rows_per_s, "flops_per_row": flops_per_row,
+        "achieved_flops_per_s": flops_per_row * rows_per_s if rows_per_s else None,
+        "matmul_peak_flops_per_s": peak, "autocast": str(amp).replace("torch.", "") if amp else "off",
+        "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"], **(identity or {}),
     })
     return manifest
 
