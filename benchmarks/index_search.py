@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--queries", type=int, default=2048)
     ap.add_argument("--recall-queries", type=int, default=256)
     ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--ivf-flat-lists", type=int, default=1024)
     ap.add_argument("--out", default="bench/index_search.json")
     args = ap.parse_args()
 
@@ -40,7 +41,9 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="mlpmem-index-"))
     result = {"datastore": str(args.datastore), "n": ds.n, "dim": ds.dim, "k": args.k, "queries": len(rows),
               "faiss": faiss.__version__, "threads": faiss.omp_get_max_threads(), "indexes": []}
-    for name, kwargs in (("exact", {"factory": "Flat"}), ("auto-ivf", {"factory": "auto", "flat_max_rows": 0})):
+    ivf_flat = f"IVF{args.ivf_flat_lists},Flat"
+    for name, kwargs in (("exact", {"factory": "Flat"}), ("auto-ivf", {"factory": "auto", "flat_max_rows": 0}),
+                         ("ivf-flat", {"factory": ivf_flat})):
         t = time.perf_counter()
         m = build_index(args.datastore, tmp / name, nprobe=args.nprobe, recall_k=args.k,
                         recall_queries=args.recall_queries, **kwargs)

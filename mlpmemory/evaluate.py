@@ -91,9 +91,12 @@ def fingerprint_memory(memory, sample: int = 4096) -> str:
 
 
 def memory_dir_fingerprint(path) -> str:
-    """Identity of a saved memory folder: its JSON configs and safetensors bytes, hashed."""
+    """Identity of a saved memory: its config and weights bytes, hashed (not the training logs
+    or anything else that may sit in the folder)."""
+    from .memory import CONFIG_NAME, WEIGHTS_NAME
+
     path = Path(path)
-    files = sorted(list(path.glob("*.json")) + list(path.glob("*.safetensors")))
+    files = [path / name for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists()]
     if not files:
         raise MLPMemError(f"{path} holds no config or safetensors files; is it a saved memory?")
     h = hashlib.sha256()

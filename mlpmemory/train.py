@@ -292,6 +292,8 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
         "matmul_peak_flops_per_s": peak, "autocast": str(amp).replace("torch.", "") if amp else "off",
         "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"], **(identity or {}),
     })
+    # The checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run.
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     return manifest
 
 
