@@ -1,5 +1,9 @@
 """The pipeline as plain functions, one per stage, each idempotent and resumable.
 
+Each stage first calls the one before it: a finished stage returns at once, but only after
+checking that it was built with the current settings, so a changed flag can never be silently
+ignored by a later stage that reuses an old artifact.
+
 Run directory layout::
 
     <run_dir>/config.json      effective settings of the last command
@@ -118,8 +122,7 @@ def stage_index(run: Run) -> dict:
     from .index import build_index
 
     cfg = run.cfg
-    if not is_complete(run.path(DATASTORE)):
-        stage_datastore(run)
+    stage_datastore(run)  # a no-op when complete, but it checks the current settings against it
     return run.timed(INDEX, lambda: build_index(run.path(DATASTORE), run.path(INDEX), factory=cfg.index_factory,
                                                 flat_max_rows=cfg.flat_max_rows, nprobe=cfg.nprobe, use_gpu=cfg.use_gpu))
 
@@ -128,8 +131,7 @@ def stage_targets(run: Run) -> dict:
     from .targets import build_targets
 
     cfg = run.cfg
-    if not is_complete(run.path(INDEX)) or not is_complete(run.path(TUNE)):
-        stage_index(run)
+    stage_index(run)
     # The validation slice must come from the same model and capture site as the datastore.
     check_fields(read_manifest(run.path(TUNE), "validation slice"), read_manifest(run.path(DATASTORE), "datastore"),
                  ["model_fingerprint", "tokenizer_fingerprint", "key_site", "dim", "corpus_fingerprint"],
@@ -148,8 +150,7 @@ def stage_train(run: Run) -> dict:
     from .train import OnlineInputs, TrainSettings, train_memory
 
     cfg = run.cfg
-    if not is_complete(run.path(TARGETS)):
-        stage_targets(run)
+    stage_targets(run)
     ds = open_datastore(run.path(DATASTORE))
     targets = open_targets(run.path(TARGETS), ds.manifest)
     lm = run.lm
@@ -184,8 +185,7 @@ def stage_eval(run: Run) -> dict:
     from .memory import MLPMemory
 
     cfg = run.cfg
-    if not is_complete(run.path(MEMORY)):
-        stage_train(run)
+    stage_train(run)
     lm = run.lm
     corpus = read_manifest(run.path(CORPUS), "corpus")
     common = dict(key_site=cfg.key_site, mem_site=cfg.mem_site, block=cfg.block, stride=cfg.stride,
