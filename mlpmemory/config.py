@@ -49,8 +49,11 @@ class Config:
     batch_size: int = opt(8, "windows per forward pass", "datastore")
     tune_tokens: int = opt(8192, "held-out validation tokens used to choose T (and later lambda)", "datastore")
     # -- index -------------------------------------------------------------------------------
-    index_factory: str = opt("auto", "FAISS factory string, or 'auto' (Flat up to --flat-max-rows, IVF-PQ above)", "index")
+    index_factory: str = opt("auto", "FAISS factory string, or 'auto' (Flat up to --flat-max-rows, then IVF-Flat, "
+                                     "then IVF-PQ)", "index")
     flat_max_rows: int = opt(300_000, "largest datastore searched exactly by 'auto'", "index")
+    ivf_flat_max_gb: float = opt(4.0, "above --flat-max-rows, 'auto' uses IVF-Flat while the float32 keys fit in "
+                                      "this many GiB, IVF-PQ beyond", "index")
     nprobe: int = opt(32, "IVF lists probed per query", "index")
     use_gpu: bool = opt(False, "build/search with GPU FAISS (needs faiss-gpu and a GPU)", "index")
     # -- targets -----------------------------------------------------------------------------

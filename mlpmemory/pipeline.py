@@ -124,7 +124,8 @@ def stage_index(run: Run) -> dict:
     cfg = run.cfg
     stage_datastore(run)  # a no-op when complete, but it checks the current settings against it
     return run.timed(INDEX, lambda: build_index(run.path(DATASTORE), run.path(INDEX), factory=cfg.index_factory,
-                                                flat_max_rows=cfg.flat_max_rows, nprobe=cfg.nprobe, use_gpu=cfg.use_gpu))
+                                                flat_max_rows=cfg.flat_max_rows, nprobe=cfg.nprobe, use_gpu=cfg.use_gpu,
+                                                ivf_flat_max_bytes=int(cfg.ivf_flat_max_gb * (1 << 30))))
 
 
 def stage_targets(run: Run) -> dict:

@@ -31,16 +31,18 @@ def flat(tmp_path_factory):
 def test_choose_factory_rules():
     assert choose_factory(1000, 576) == "Flat"
     assert choose_factory(300_000, 576) == "Flat"
-    assert choose_factory(1_000_000, 576) == "IVF4096,PQ64x8"
-    assert choose_factory(1_000_000, 768, train_samples=200_000) == "IVF4096,PQ64x8"
+    assert choose_factory(1_000_000, 576) == "IVF4096,Flat"  # 2.3 GB of float32 keys: fits the default 4 GiB
+    assert choose_factory(2_000_000, 4096) == "IVF4096,PQ64x8"  # 31 GiB of float32 keys: compressed codes
+    assert choose_factory(1_000_000, 576, ivf_flat_max_bytes=0) == "IVF4096,PQ64x8"
+    assert choose_factory(1_000_000, 768, train_samples=200_000, ivf_flat_max_bytes=0) == "IVF4096,PQ64x8"
     # 4*sqrt(1e7) ~ 12.6k -> 16384 lists, but 200k training keys allow only 4096 (>= 39 per list)
-    assert choose_factory(10_000_000, 4096, train_samples=200_000) == "IVF4096,PQ64x8"
-    assert choose_factory(1_000_000, 100) == "IVF4096,PQ50x8"  # largest divisor of d <= 64
-    assert choose_factory(1_000_000, 37) == "IVF4096,PQ37x8"  # d <= 64: one dimension per byte
-    assert choose_factory(1_000_000, 67) == "IVF4096,Flat"  # prime d > 64: PQ would be 1-byte codes
-    assert choose_factory(1_000_000, 8) == "IVF4096,PQ8x8"
+    assert choose_factory(10_000_000, 4096, train_samples=200_000, ivf_flat_max_bytes=0) == "IVF4096,PQ64x8"
+    assert choose_factory(1_000_000, 100, ivf_flat_max_bytes=0) == "IVF4096,PQ50x8"  # largest divisor of d <= 64
+    assert choose_factory(1_000_000, 37, ivf_flat_max_bytes=0) == "IVF4096,PQ37x8"  # d <= 64: one dimension per byte
+    assert choose_factory(1_000_000, 67, ivf_flat_max_bytes=0) == "IVF4096,Flat"  # prime d > 64: PQ would be 1-byte codes
+    assert choose_factory(1_000_000, 8, ivf_flat_max_bytes=0) == "IVF4096,PQ8x8"
     # too few training points for 8-bit PQ codebooks; nlist shrinks to keep 39 points per list
-    assert choose_factory(5000, 16, flat_max_rows=0) == "IVF128,Flat"
+    assert choose_factory(5000, 16, flat_max_rows=0, ivf_flat_max_bytes=0) == "IVF128,Flat"
     with pytest.raises(MLPMemError):
         choose_factory(0, 16)
 
