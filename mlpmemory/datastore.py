@@ -5,7 +5,8 @@ Layout of a datastore directory (all raw little-endian arrays, C order, no pickl
 - ``keys.f16``       float16 (N, d): the kNN keys (hidden state at the key capture site)
 - ``values.i32``     int32 (N,): the true next token of each row
 - ``mem_inputs.f16`` float16 (N, d_mem), optional: hidden states at the memory-input site, so the
-                     memory can be trained offline without re-running the base LM
+                     memory can be trained offline without re-running the base LM (absent
+                     when that site is the key site: the keys serve as memory inputs)
 - ``lm_logprob.f32`` float32 (N,), optional: the base LM's log-prob of the true next token
                      (stored for held-out slices, where it is used to pick T and lambda)
 - ``progress.json``  how many window batches are durably written (resume point)
@@ -66,6 +67,10 @@ def _shape(manifest: dict, width_field: str | None) -> tuple[int, ...]:
     return (n,) if width_field is None else (n, int(manifest[width_field]))
 
 
+def _same_site(a: dict | None, b: dict | None) -> bool:
+    return bool(a) and bool(b) and a.get("module") == b.get("module")
+
+
 def open_datastore(path: str | os.PathLike, what: str = "datastore") -> Datastore:
     """Open a complete datastore, checking every file's size against its manifest."""
     path = Path(path)
@@ -80,6 +85,8 @@ def open_datastore(path: str | os.PathLike, what: str = "datastore") -> Datastor
         arrays[name] = np.memmap(path / fname, dtype=dtype, mode="r", shape=shape) if shape[0] else np.zeros(shape, dtype)
     if arrays["keys"] is None or arrays["values"] is None:
         raise MLPMemError(f"{what} at {path} lacks keys or values; rebuild it")
+    if arrays["mem_inputs"] is None and _same_site(manifest.get("mem_site"), manifest.get("key_site")):
+        arrays["mem_inputs"] = arrays["keys"]  # memory reads the key site: stored once
     return Datastore(path=path, manifest=manifest, **arrays)  # type: ignore[arg-type]
 
 
@@ -165,7 +172,8 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
     if n == 0:
         raise MLPMemError(f"cannot build a datastore from {n_tokens} token(s): the corpus split is empty")
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
-    arrays = ["keys", "values"] + (["mem_inputs"] if msite else []) + (["lm_logprob"] if store_lm_logprob else [])
+    separate_mem = msite is not None and msite.module_path != ksite.module_path  # else mem_inputs are the keys
+    arrays = ["keys", "values"] + (["mem_inputs"] if separate_mem else []) + (["lm_logprob"] if store_lm_logprob else [])
     settings = {
         "model": lm.name, "model_fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
         "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None, "dtype": str(lm.dtype).replace("torch.", ""),
@@ -212,7 +220,7 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
                 pos = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)
                 rows["keys"].append(cap[ksite.module_path][wi, pos].to(torch.float16).cpu().numpy())
                 rows["values"].append(ids[wi, w.first_target - w.begin: w.end - w.begin].astype(np.int32))
-                if msite:
+                if separate_mem:
                     rows["mem_inputs"].append(cap[msite.module_path][wi, pos].to(torch.float16).cpu().numpy())
                 if store_lm_logprob:
                     logits = result.logits[wi, pos].float()

@@ -189,7 +189,7 @@ def _read_meta(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "last", mem_site: str | None = "0.7",
+def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "last", mem_site: str | None = "last",
                    block: int = 1024, stride: int = 512, batch_size: int = 8, identity: dict | None = None,
                    progress: bool = True, token_start: int = 0) -> dict:
     """The base LM's pass over a text: a datastore with ``lm_logprob`` (resumable); its manifest.

@@ -128,3 +128,12 @@ def test_resume_after_kill9_gives_identical_files(tiny_llama, tmp_path):
     a = json.loads((killed / "manifest.json").read_text())
     b = json.loads((tmp_path / "clean" / "manifest.json").read_text())
     assert a == b
+
+
+def test_memory_input_at_the_key_site_is_stored_once(tiny_llama, tmp_path):
+    tok_path = write_tokens(tmp_path / "t.i32", 80)
+    m = build_datastore(tiny_llama, tok_path, 80, tmp_path / "ds", key_site="last", mem_site="-1", block=16,
+                        stride=8, progress=False)
+    assert "mem_inputs" not in m["arrays"] and not (tmp_path / "ds" / "mem_inputs.f16").exists()
+    ds = open_datastore(tmp_path / "ds")
+    assert ds.mem_inputs is ds.keys and m["mem_site"] == m["key_site"]

@@ -39,7 +39,7 @@ def test_pipeline_on_the_default_model_and_corpus(tmp_path, capsys):
     assert "+ MLP memory" in out
     results = json.loads((run / "results.json").read_text())
     assert results["datastore_rows"] == 2999
-    assert results["key_site"]["layer"] == 29 and results["mem_site"]["layer"] == 21
+    assert results["key_site"]["layer"] == 29 and results["mem_site"]["layer"] == 29
     assert results["targets"]["k"] == 1024
     grid = {g["T"] for g in results["temperature_grid"]}
     assert results["targets"]["temperature"] in grid
