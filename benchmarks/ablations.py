@@ -47,7 +47,7 @@ import torch
 from mlpmemory.capture import CaptureSite, resolve_site
 from mlpmemory.datastore import build_datastore, open_datastore
 from mlpmemory.errors import MLPMemError
-from mlpmemory.evaluate import build_eval_dir, choose, memory_dir_fingerprint, perplexity, sweep
+from mlpmemory.evaluate import build_eval_dir, choose, json_safe, memory_dir_fingerprint, perplexity, sweep
 from mlpmemory.inference import mix_logprobs
 from mlpmemory.manifest import atomic_write_json, read_json, read_manifest, sha256_json
 from mlpmemory.memory import MLPMemory, build_memory, memory_config_for
@@ -349,7 +349,7 @@ def run_ablations(args) -> dict:
         base = reference["base"]["test_ppl"]
         report["rows"].append({"ablation": job["ablation"], "setting": job["setting"], "site_spec": job["spec"],
                                **res, "change_vs_base_pct": 100.0 * (res["test_ppl"] / base - 1.0)})
-        atomic_write_json(out_path, _json_safe(report))
+        atomic_write_json(out_path, json_safe(report))
     # The memory at the run's own site and alpha must reproduce the run's memory (same seed, data, settings).
     own = reference.get("run_memory")
     for row in report["rows"]:
@@ -359,7 +359,7 @@ def run_ablations(args) -> dict:
                                                "relative_diff": row["test_ppl"] / own["test_ppl"] - 1.0}
             break
     report["complete"] = True
-    atomic_write_json(out_path, _json_safe(report))
+    atomic_write_json(out_path, json_safe(report))
     log(f"report: {out_path}")
     return report
 
@@ -416,7 +416,7 @@ def train_and_score(lm, ds, tune, test, targets, src: Source, abl: Path, name: s
         "memory_params": manifest["memory_params"], "n_blocks": mcfg.n_blocks,
         "validation_sweep": scores["validation_sweep"],
     }
-    atomic_write_json(sidecar, _json_safe({"training_fingerprint": manifest["training_fingerprint"],
+    atomic_write_json(sidecar, json_safe({"training_fingerprint": manifest["training_fingerprint"],
                                            "train_seconds": seconds, "train_seconds_how": how,
                                            "eval_key": key, "scores": scores}))
     log(f"{name}: test PPL {scores['test_ppl']:.3f} at lambda {scores['lambda']:g} "
@@ -451,18 +451,6 @@ def reference_rows(run: Path, ppl_json: dict | None, test, run_mem: dict) -> dic
                              "val_ce": (run_mem.get("validation") or {}).get("ce"),
                              "train_seconds": timings.get("memory")}
     return ref
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def format_table(report: dict) -> str:

@@ -36,15 +36,18 @@ def vmrss():
 samples, done = [], threading.Event()
 def sampler():
     while not done.is_set():
-        samples.append(vmrss()); time.sleep(0.2)
+        samples.append((time.perf_counter(), vmrss())); time.sleep(0.2)
 threading.Thread(target=sampler, daemon=True).start()
 start_rss = vmrss()
 t = time.perf_counter()
 build_datastore(lm, sys.argv[2], int(sys.argv[3]), sys.argv[4], block=int(sys.argv[5]), stride=int(sys.argv[5]) // 2,
                 batch_size=8, progress=False)
 done.set()
+t1 = time.perf_counter()
+timeline = {f"{q}%": max([r for ts, r in samples if ts - t <= (t1 - t) * q / 100] or [start_rss]) for q in (10, 25, 50, 75, 100)}
 print(json.dumps({"rss_after_load_mb": before / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "vmrss_at_build_start_mb": start_rss, "vmrss_peak_during_build_mb": max(samples),
+                  "vmrss_at_build_start_mb": start_rss, "vmrss_peak_during_build_mb": max(r for _, r in samples),
+                  "vmrss_peak_by_fraction_of_build": timeline,
                   "vmrss_at_build_end_mb": vmrss(), "seconds": time.perf_counter() - t}))
 """
 
@@ -72,6 +75,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rss-sizes", type=int, nargs="*", default=[50_000, 200_000])
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--rss-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--out", default="bench/datastore_overhead.json")
     args = ap.parse_args()
 
@@ -107,6 +111,8 @@ def main():
                         batch_size=args.batch_size, progress=False)
         return time.perf_counter() - t
 
+    if args.rss_only:
+        args.repeats = 0
     # warm-up of the build path (kernels, page cache) on one batch, as bare() does for itself
     build_datastore(lm, sub_path, min(len(tokens), args.block * args.batch_size // 2 + 1), tmp / "warm",
                     block=args.block, stride=stride, batch_size=args.batch_size, progress=False)
@@ -116,7 +122,7 @@ def main():
         times["full"].append(bare(lm.model))
         times["backbone"].append(bare(lm.model.base_model))
         times["build"].append(build(rep))
-    t_full, t_backbone, t_build = (min(times[k]) for k in ("full", "backbone", "build"))
+    t_full, t_backbone, t_build = (min(times[k] or [float("nan")]) for k in ("full", "backbone", "build"))
     fwd_tokens = sum(w.end - w.begin for w in windows)
     result = {
         "machine": f"{torch.get_num_threads()} threads, {lm.device}, dtype {lm.dtype}",

@@ -151,12 +151,12 @@ def _finite_or_none(x):
     return x
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """JSON without NaN/Infinity (which strict parsers reject): non-finite floats become null."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
         obj = obj.item()
     return _finite_or_none(obj)
@@ -504,7 +504,7 @@ def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, m
     title = (f"validation: {len(vc['lm']):,} tokens, block {tm.get('block')} / stride {tm.get('stride')}"
              + (f", k={knn.k}" if knn is not None else ""))
     _plot(vrows, chosen, out_dir / plot_name, title)
-    safe = _json_safe(result)
+    safe = json_safe(result)
     atomic_write_json(out_dir / "ppl.json", safe)
     return safe
 
