@@ -210,7 +210,7 @@ def test_k_limits(tmp_path, capsys):
     with pytest.raises(MLPMemError, match="larger than the datastore"):
         build_targets(tmp_path / "ds", tmp_path / "idx", tmp_path / "t", k=50, temperature=1.0, k_explicit=True)
     m = build_targets(tmp_path / "ds", tmp_path / "idx", tmp_path / "t", temperature=1.0)  # default k=1024
-    assert m["k"] == 49 and "capped" in capsys.readouterr().out
+    assert m["k"] == 49 and "capped" in capsys.readouterr().err  # progress notes go to stderr
     o, tk, pr, _ = open_targets(tmp_path / "t").get_rows(0, 50)
     assert len(o) == 51
 
