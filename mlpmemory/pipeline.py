@@ -209,15 +209,18 @@ def stage_eval(run: Run) -> dict:
     run.timed(test_dir.name, lambda: build_eval_dir(lm, token_path, n, test_dir, identity=identity, token_start=start,
                                                     **common))
     tg = read_manifest(run.path(TARGETS), "targets")
-    memory = MLPMemory.from_pretrained(run.path(MEMORY), base=lm, device=lm.device)
-    knn = KNNLM.from_dirs(run.path(INDEX), run.path(DATASTORE), k=int(tg["k"]), temperature=float(tg["temperature"]),
-                          nprobe=cfg.nprobe)
     mem_fp = memory_dir_fingerprint(run.path(MEMORY))
-    key = sha256_json({"memory": mem_fp, "knn": knn.fingerprint, "k": knn.k, "T": knn.temperature,
-                       "valid": read_manifest(run.path(TUNE)), "test": read_manifest(test_dir), "lambdas": cfg.lambda_list()})
+    # The cache key comes from manifests only: a finished eval must not load the index (GBs at scale).
+    key = sha256_json({"memory": mem_fp, "index": read_manifest(run.path(INDEX), "index"),
+                       "datastore": read_manifest(run.path(DATASTORE), "datastore"), "k": tg["k"],
+                       "T": tg["temperature"], "nprobe": cfg.nprobe, "valid": read_manifest(run.path(TUNE)),
+                       "test": read_manifest(test_dir), "lambdas": cfg.lambda_list()})
     if is_complete(run.path(EVAL)) and read_json(run.path(EVAL) / "manifest.json").get("inputs") == key:
         log("eval: already complete")
         return read_json(run.path(EVAL) / "ppl.json")
+    memory = MLPMemory.from_pretrained(run.path(MEMORY), base=lm, device=lm.device)
+    knn = KNNLM.from_dirs(run.path(INDEX), run.path(DATASTORE), k=int(tg["k"]), temperature=float(tg["temperature"]),
+                          nprobe=cfg.nprobe)
     (run.path(EVAL) / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
     result = run.timed(EVAL, lambda: evaluate_ppl(run.path(TUNE), test_dir, run.path(EVAL), tokenizer=lm.tokenizer,
                                                   memory=memory, memory_fingerprint=mem_fp, knn=knn,
