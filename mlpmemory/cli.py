@@ -2,6 +2,12 @@
 
 Options come from the fields of :class:`mlpmemory.config.Config` (their docs are the ``--help``
 text). Every stage takes every option: it may have to run the stages before it.
+
+Commands that *use* a finished run (generation, QA, benchmarks, scaling) live in their own
+modules (``TOOL_COMMANDS``). Each such module exposes an ``Options`` dataclass (fields made with
+:func:`mlpmemory.config.opt`, docs = ``--help``) and ``main(run, opts)``. The module is imported
+only when its command is the one being run, so ``mlpmem --help`` stays fast.
+
 Errors a user can fix print as one line and exit with status 2.
 """
 
@@ -32,6 +38,19 @@ STAGE_HELP = {
 }
 
 
+# command -> (module, help). The module provides `Options` (a dataclass) and `main(run, opts)`.
+TOOL_COMMANDS = {
+    "generate": ("mlpmemory.generation", "generate text with the base LM, +MLP memory or +kNN-LM (HF generate: "
+                                         "greedy, sampling, beams, stop strings), streaming to the terminal"),
+    "eval-qa": ("mlpmemory.qa", "open-domain QA (exact match / F1) of base, +MLP memory, +kNN-LM and +RAG; "
+                                "lambda chosen on a dev split"),
+    "bench": ("mlpmemory.bench", "speed of base, +MLP memory, +kNN-LM and +RAG on identical inputs: prefill, "
+                                 "decode latency, time to first token, per-stage split, peak memory"),
+    "scaling": ("mlpmemory.scaling", "memories of several sizes trained on the same targets: held-out "
+                                     "perplexity vs parameters, with a fitted power law"),
+}
+
+
 def _arg_type(tp):
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -39,12 +58,13 @@ def _arg_type(tp):
     return tp
 
 
-def add_config_args(parser: argparse.ArgumentParser, groups: list[str]) -> None:
-    hints = typing.get_type_hints(Config)
+def add_config_args(parser: argparse.ArgumentParser, groups: list[str] | None, cls=Config) -> None:
+    """One ``--flag`` per field of the dataclass ``cls`` (in ``groups``; all when None)."""
+    hints = typing.get_type_hints(cls)
     sections = {}
-    for f in fields(Config):
+    for f in fields(cls):
         group = f.metadata["group"]
-        if group not in groups:
+        if groups is not None and group not in groups:
             continue
         section = sections.get(group) or parser.add_argument_group(f"{group} options")
         sections[group] = section
@@ -58,7 +78,13 @@ def add_config_args(parser: argparse.ArgumentParser, groups: list[str]) -> None:
                                  help=help_text, metavar=f.name.upper())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected_command(argv: list[str] | None) -> str | None:
+    argv = sys.argv[1:] if argv is None else argv
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; a tool command's own options are added only when it is ``command``."""
     parser = argparse.ArgumentParser(prog="mlpmem", description="MLP Memory for Hugging Face causal LMs "
                                      "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and use the memory.",
                                      allow_abbrev=False)
@@ -70,12 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                             + (" (default: quick)" if name == "run" else ""))
         p.add_argument("--config", metavar="FILE", help="TOML or JSON file with settings (flags override it)")
         add_config_args(p, groups)
+    for name, (module, help_text) in TOOL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        if name == command:
+            import importlib
+
+            add_config_args(p, None, importlib.import_module(module).Options)
+        p.add_argument("--config", metavar="FILE", help="TOML or JSON file with run settings (flags override it)")
+        add_config_args(p, ["run"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(_selected_command(argv)).parse_args(argv))
     command = args.pop("command")
+    if command in TOOL_COMMANDS:
+        return _tool_main(command, args)
     preset, config_file = args.pop("preset", None), args.pop("config", None)
     try:
         if "run_dir" not in args:
@@ -99,6 +135,35 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_ppl_table(manifest))
             print(f"{command}: complete in {run.path(stage if stage != 'train' else 'memory')}")
             _print_brief(manifest)
+    except MLPMemError as e:
+        print(f"mlpmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlpmem: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _tool_main(command: str, args: dict) -> int:
+    """Run a tool command on a run directory: run-level settings from the run, its own options from flags."""
+    import importlib
+    from dataclasses import fields as dc_fields
+
+    module = importlib.import_module(TOOL_COMMANDS[command][0])
+    own = {f.name for f in dc_fields(module.Options)}
+    opts = module.Options(**{k: v for k, v in args.items() if k in own})
+    rest = {k: v for k, v in args.items() if k not in own}
+    config_file = rest.pop("config", None)
+    try:
+        rest.setdefault("run_dir", "runs/quick")
+        saved = Path(rest["run_dir"]) / "config.json"
+        base = load_config_file(saved) if saved.exists() else {}
+        cfg = make_config(None, config_file, base=base, **rest)
+        if hasattr(opts, "validate"):
+            opts.validate()
+        from . import pipeline
+
+        module.main(pipeline.Run(cfg), opts)
     except MLPMemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2
