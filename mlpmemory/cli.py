@@ -163,7 +163,7 @@ def _tool_main(command: str, args: dict) -> int:
             opts.validate()
         from . import pipeline
 
-        module.main(pipeline.Run(cfg), opts)
+        module.main(pipeline.Run(cfg, save_config=False), opts)
     except MLPMemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2

@@ -90,6 +90,13 @@ class Config:
                        "comma-separated interpolation weights swept on the validation slice", "eval")
     eval_text: str | None = opt(None, "score this text file/corpus instead of the held-out test half "
                                       "(lambda and T are still chosen on the held-out validation slice)", "eval")
+    rag_ppl: bool = opt(True, "also report the in-context RAG baseline (+RAG row): BM25 over the datastore's documents, "
+                              "top passage prepended to the context", "eval")
+    rag_retrieve_every: int = opt(64, "+RAG: retrieve a new passage every this many scored tokens (each retrieval "
+                                      "is one forward of up to --block tokens: 64 keeps the quick preset's +RAG row "
+                                      "at ~2 CPU minutes; the paper retrieves every 4)", "eval")
+    rag_query_tokens: int = opt(32, "+RAG: the query is this many tokens before each retrieval point", "eval")
+    rag_passage_tokens: int = opt(256, "+RAG: documents longer than this many tokens are split into passages", "eval")
 
     def validate(self) -> "Config":
         if not 2 <= self.block:
@@ -117,7 +124,7 @@ class Config:
         if self.epochs <= 0 or self.lr <= 0:
             raise MLPMemError("--epochs and --lr must be positive")
         for name in ("batch_size", "tune_tokens", "shard_rows", "search_batch", "nprobe", "train_batch",
-                     "checkpoint_every"):
+                     "checkpoint_every", "rag_retrieve_every", "rag_query_tokens", "rag_passage_tokens"):
             if getattr(self, name) < 1:
                 raise MLPMemError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         return self

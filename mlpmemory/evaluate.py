@@ -17,6 +17,10 @@ Why it is written this way:
   ``knn_logprob.json`` naming the index fingerprint and k). A different memory, index, k or a
   rebuilt eval dir recomputes; the same ones are read back untouched. The JSON is removed before
   a data file is replaced and written after, so a crash never leaves a stale pairing.
+- **RAG is a separate pass, reported alongside.** In-context RAG changes the LM's context, so
+  it is not a mixture of cached components: :mod:`mlpmemory.rag` scores the same test tokens
+  (``rag_logprob.f32`` in the test eval dir) and :func:`evaluate_ppl` reports them as the
+  ``rag`` system with its settings; it has no lambda to choose.
 - **Chosen on validation, reported on test.** :func:`evaluate_ppl` picks the memory's lambda
   and the kNN-LM's (lambda, T) on a validation eval dir and reports test perplexity at exactly
   those values; the two dirs must come from the same model, dtype, sites, block and stride.
@@ -38,8 +42,8 @@ from .errors import MLPMemError
 from .inference import KNNLM, _check_lambda, mix_logprobs
 from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
 
-BASE, MEMORY, KNN_LM = "base", "memory", "knn_lm"
-SYSTEMS = (BASE, MEMORY, KNN_LM)
+BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"
+SYSTEMS = (BASE, MEMORY, KNN_LM, RAG)
 DEFAULT_LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MEM_FILE, MEM_META = "mem_logprob.f32", "mem_logprob.json"
 KNN_META = "knn_logprob.json"
@@ -431,13 +435,16 @@ def _plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
 
 def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, memory_fingerprint: str | None = None,
                  knn: KNNLM | None = None, lambdas=DEFAULT_LAMBDAS, temperatures=None, batch: int = 4096,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, rag: dict | None = None) -> dict:
     """Choose lambda (memory) and (lambda, T) (kNN-LM) on validation, report all systems on test.
 
     Writes ``ppl.json`` (the report returned) and ``ppl_validation.png`` (validation perplexity
     vs lambda: the memory, one line per T for the kNN-LM, the base as a horizontal line) into
     ``out_dir``. ``temperatures`` defaults to ``knn.temperature * 2**j`` for j = -2..2. With a
     ``tokenizer``, test bits per byte are reported too (UTF-8 bytes of the scored text).
+    ``rag``: ``{"logprob": (N,) RAG log-probs of the test tokens, **fields}`` (from
+    :func:`mlpmemory.rag.cached_ralm_logprobs`), reported as system ``rag`` with ``fields``
+    (settings, seconds) added.
     """
     valid_dir, test_dir, out_dir = Path(valid_dir), Path(test_dir), Path(out_dir)
     if valid_dir.resolve() == test_dir.resolve():
@@ -483,6 +490,12 @@ def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, m
         systems[KNN_LM] = report(mix_logprobs(tc["lm"], tc["knn"][t], lam), lam, t)
         systems[KNN_LM]["knn_alone_ppl"] = perplexity(tc["knn"][t])
         systems[KNN_LM]["k"] = knn.k
+    if rag is not None:
+        rag_lp = np.asarray(rag["logprob"], dtype=np.float64)
+        if rag_lp.shape != (n_test,):
+            raise MLPMemError(f"the RAG log-probs cover {rag_lp.shape[0]} tokens but the test eval dir {test_dir} has "
+                              f"{n_test}; compute them over the same text and windows")
+        systems[RAG] = {**report(rag_lp), **{k: v for k, v in rag.items() if k != "logprob"}, "tokens_scored": n_test}
     for s in systems.values():
         s["change_vs_base_pct"] = 100.0 * (s["ppl"] / base_ppl - 1.0) if math.isfinite(s["ppl"]) else None
 
@@ -515,6 +528,8 @@ def format_ppl_table(result: dict) -> str:
     for name, s in result["test"]["systems"].items():
         def fmt(x, spec):
             return "-" if x is None else format(x, spec)
+        if name == RAG and s.get("settings"):
+            name = f"rag (BM25 top-{s['settings'].get('n_passages')}, every {s['settings'].get('retrieve_every')} tokens)"
         lines.append(f"| {name} | {fmt(s['lambda'], 'g')} | {fmt(s['T'], '.4g')} | {fmt(s['ppl'], '.3f')} | "
                      f"{fmt(s['change_vs_base_pct'], '+.2f')}{'%' if s['change_vs_base_pct'] is not None else ''} | {fmt(s['bits_per_byte'], '.4f')} |")
     return "\n".join(lines)

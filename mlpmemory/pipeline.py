@@ -13,7 +13,9 @@ Run directory layout::
     <run_dir>/index/           FAISS index over datastore keys
     <run_dir>/targets/         sparse kNN target distributions, in shards
     <run_dir>/memory/          the trained MLP memory (config.json + model.safetensors) and checkpoint
-    <run_dir>/eval_test/       base-LM pass over the test half of the held-out split (or --eval-text)
+    <run_dir>/rag_bm25/        BM25 index over the datastore's documents (the +RAG baseline)
+    <run_dir>/eval_test/       base-LM pass over the test half of the held-out split (or --eval-text),
+                               plus rag_logprob.f32 (+RAG log-probs of the same tokens)
     <run_dir>/eval/            ppl.json + ppl_validation.png (perplexity of every system, lambda sweep)
     <run_dir>/results.json     the main job's summary
 
@@ -34,6 +36,7 @@ from .manifest import (atomic_write_json, check_fields, is_complete, read_json, 
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
+RAG_BM25 = "rag_bm25"
 
 
 def log(msg: str) -> None:
@@ -43,11 +46,12 @@ def log(msg: str) -> None:
 class Run:
     """A run directory plus lazily loaded base model, shared by the stages of one command."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, save_config: bool = True):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.dir / "config.json", cfg.to_dict())
+        if save_config:  # tool commands (generate, eval-qa, ...) only read a run's settings
+            atomic_write_json(self.dir / "config.json", cfg.to_dict())
         self._lm = None
         self.timings: dict[str, float] = {}
 
@@ -180,7 +184,7 @@ def stage_train(run: Run) -> dict:
 
 
 def stage_eval(run: Run) -> dict:
-    """Perplexity of base, +kNN-LM and +MLP memory on the test text, settings chosen on validation."""
+    """Perplexity of base, +kNN-LM, +MLP memory and +RAG on the test text, settings chosen on validation."""
     from .evaluate import build_eval_dir, evaluate_ppl, memory_dir_fingerprint
     from .inference import KNNLM
     from .memory import MLPMemory
@@ -208,13 +212,22 @@ def stage_eval(run: Run) -> dict:
         raise MLPMemError("the test text is empty: raise --max-heldout-tokens / --heldout-fraction or give --eval-text")
     run.timed(test_dir.name, lambda: build_eval_dir(lm, token_path, n, test_dir, identity=identity, token_start=start,
                                                     **common))
+    retriever = None
+    rag_settings = None
+    if cfg.rag_ppl:
+        from .rag import BM25Retriever
+
+        retriever = run.timed(RAG_BM25, lambda: BM25Retriever.build_or_load(run))
+        rag_settings = {"retriever": "bm25", "retriever_fingerprint": retriever.fingerprint, "passages": len(retriever),
+                        "passage_tokens": cfg.rag_passage_tokens, "retrieve_every": cfg.rag_retrieve_every,
+                        "query_tokens": cfg.rag_query_tokens, "n_passages": 1}
     tg = read_manifest(run.path(TARGETS), "targets")
     mem_fp = memory_dir_fingerprint(run.path(MEMORY))
     # The cache key comes from manifests only: a finished eval must not load the index (GBs at scale).
     key = sha256_json({"memory": mem_fp, "index": read_manifest(run.path(INDEX), "index"),
                        "datastore": read_manifest(run.path(DATASTORE), "datastore"), "k": tg["k"],
                        "T": tg["temperature"], "nprobe": cfg.nprobe, "valid": read_manifest(run.path(TUNE)),
-                       "test": read_manifest(test_dir), "lambdas": cfg.lambda_list()})
+                       "test": read_manifest(test_dir), "lambdas": cfg.lambda_list(), "rag": rag_settings})
     if is_complete(run.path(EVAL)) and read_json(run.path(EVAL) / "manifest.json").get("inputs") == key:
         log("eval: already complete")
         return read_json(run.path(EVAL) / "ppl.json")
@@ -222,9 +235,20 @@ def stage_eval(run: Run) -> dict:
     knn = KNNLM.from_dirs(run.path(INDEX), run.path(DATASTORE), k=int(tg["k"]), temperature=float(tg["temperature"]),
                           nprobe=cfg.nprobe)
     (run.path(EVAL) / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
-    result = run.timed(EVAL, lambda: evaluate_ppl(run.path(TUNE), test_dir, run.path(EVAL), tokenizer=lm.tokenizer,
-                                                  memory=memory, memory_fingerprint=mem_fp, knn=knn,
-                                                  lambdas=cfg.lambda_list()))
+
+    def go():
+        rag = None
+        if retriever is not None:  # cached in the test eval dir: a re-run with other lambdas does not redo it
+            from .rag import cached_ralm_logprobs
+
+            lp, meta = cached_ralm_logprobs(test_dir, lm, retriever, token_path, retrieve_every=cfg.rag_retrieve_every,
+                                            query_tokens=cfg.rag_query_tokens, n_passages=1, batch_size=cfg.batch_size)
+            rag = {"logprob": lp, "settings": rag_settings, "seconds": meta.get("seconds"),
+                   "retrieval_seconds": meta.get("retrieval_seconds"), "chunks_with_passage": meta.get("chunks_with_passage"),
+                   "retrievals": meta.get("retrievals")}
+        return evaluate_ppl(run.path(TUNE), test_dir, run.path(EVAL), tokenizer=lm.tokenizer, memory=memory,
+                            memory_fingerprint=mem_fp, knn=knn, lambdas=cfg.lambda_list(), rag=rag)
+    result = run.timed(EVAL, go)
     write_manifest(run.path(EVAL), {"inputs": key, "report": "ppl.json"})
     return result
 
@@ -256,12 +280,15 @@ def summarize(run: Run) -> dict:
         "targets": {"k": tg.get("k"), "temperature": tg.get("temperature"), "mean_nonzeros": tg.get("mean_nnz")},
         "temperature_grid": sel.get("grid"),
         "ppl": {"base": systems["base"]["ppl"], "knn_lm": systems["knn_lm"]["ppl"],
-                "mlp_memory": systems["memory"]["ppl"], "memory_alone": systems["memory"].get("memory_alone_ppl")},
+                "mlp_memory": systems["memory"]["ppl"], "memory_alone": systems["memory"].get("memory_alone_ppl"),
+                "rag": systems["rag"]["ppl"] if "rag" in systems else None},
         "bits_per_byte": {k: v.get("bits_per_byte") for k, v in systems.items()},
         "tokens_scored": ev["test"]["tokens_scored"],
         "validation_tokens": ev["validation"]["tokens_scored"],
         "chosen": {"mlp_memory": {"lambda": systems["memory"]["lambda"]},
-                   "knn_lm": {"lambda": systems["knn_lm"]["lambda"], "T": systems["knn_lm"]["T"], "k": tg.get("k")}},
+                   "knn_lm": {"lambda": systems["knn_lm"]["lambda"], "T": systems["knn_lm"]["T"], "k": tg.get("k")},
+                   "rag": ({**systems["rag"]["settings"], "retrieval_seconds": systems["rag"].get("retrieval_seconds"),
+                            "seconds": systems["rag"].get("seconds")} if "rag" in systems else None)},
         "memory": {"params": mem["memory_params"], "blocks": read_json(run.path(MEMORY) / "config.json").get("n_blocks"), "steps": mem["steps"],
                    "train_rows_per_s": mem.get("rows_per_s_this_session"), "validation": mem.get("validation")},
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
@@ -285,7 +312,13 @@ def format_table(results: dict) -> str:
              f"| + kNN-LM | {ppl['knn_lm']:.3f} | {pct(ppl['knn_lm'])} | {bpb['knn_lm']:.4f} | "
              f"lambda={ch['knn_lm']['lambda']}, T={ch['knn_lm']['T']:.3g}, k={ch['knn_lm']['k']} |",
              f"| + MLP memory | {ppl['mlp_memory']:.3f} | {pct(ppl['mlp_memory'])} | {bpb['memory']:.4f} | "
-             f"lambda={ch['mlp_memory']['lambda']} |", ""]
+             f"lambda={ch['mlp_memory']['lambda']} |"]
+    if ppl.get("rag") is not None:
+        r = ch["rag"]
+        lines.append(f"| + RAG (in-context) | {ppl['rag']:.3f} | {pct(ppl['rag'])} | {bpb['rag']:.4f} | BM25 top-"
+                     f"{r['n_passages']} of {r['passages']:,} passages, every {r['retrieve_every']} tokens, "
+                     f"query {r['query_tokens']} tokens |")
+    lines.append("")
     m = results["memory"]
     rows = [
         ("model", results["model"]),
@@ -300,7 +333,9 @@ def format_table(results: dict) -> str:
                    f"validation KL {m['validation']['kl']:.3f} / CE {m['validation']['ce']:.3f}"),
         ("memory alone (test PPL)", f"{ppl['memory_alone']:.2f}"),
     ]
-    order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, EVAL_TEST, EVAL]
+    if (ch.get("rag") or {}).get("seconds") is not None:
+        rows.append(("+RAG test pass", f"{ch['rag']['seconds']:.1f}s (retrieval {ch['rag']['retrieval_seconds']:.2f}s)"))
+    order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, RAG_BM25, EVAL_TEST, EVAL]
     times = results["stage_seconds"]
     rows += [(f"time: {k}", f"{times[k]:.1f}s") for k in sorted(times, key=lambda k: order.index(k) if k in order else 99)]
     w = max(len(r[0]) for r in rows)

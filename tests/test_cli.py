@@ -35,13 +35,19 @@ def fails(capsys, argv, *fragments):
 
 
 def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
-    argv = ["run", *args_for(tmp_path / "run", tiny_llama.path, corpus_dir)]
+    rag = ["--rag-retrieve-every", "4", "--rag-query-tokens", "6", "--rag-passage-tokens", "16"]  # passages fit block 32
+    argv = ["run", *args_for(tmp_path / "run", tiny_llama.path, corpus_dir, *rag)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "+ kNN-LM" in out and "+ MLP memory" in out and "datastore rows" in out
+    assert "+ kNN-LM" in out and "+ MLP memory" in out and "+ RAG (in-context)" in out and "datastore rows" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert set(results["ppl"]) >= {"base", "knn_lm", "mlp_memory"} and results["tokens_scored"] > 0
-    assert all(1.0 < results["ppl"][k] < 1000 for k in ("base", "knn_lm", "mlp_memory"))
+    assert set(results["ppl"]) >= {"base", "knn_lm", "mlp_memory", "rag"} and results["tokens_scored"] > 0
+    assert all(1.0 < results["ppl"][k] < 1000 for k in ("base", "knn_lm", "mlp_memory", "rag"))
+    assert results["ppl"]["rag"] != results["ppl"]["base"] and results["bits_per_byte"]["rag"] > 0
+    assert results["chosen"]["rag"]["retrieve_every"] == 4 and results["chosen"]["rag"]["passages"] > 0
+    ev = json.loads((tmp_path / "run" / "eval" / "ppl.json").read_text())["test"]["systems"]["rag"]
+    assert ev["tokens_scored"] == results["tokens_scored"] and ev["settings"]["query_tokens"] == 6
+    assert ev["retrieval_seconds"] >= 0 and (tmp_path / "run" / "rag_bm25" / "manifest.json").is_file()
     corpus = json.loads((tmp_path / "run" / "corpus" / "manifest.json").read_text())
     assert results["datastore_rows"] == corpus["n_tokens"]["train"] - 1
     assert results["targets"]["k"] == 8
@@ -49,6 +55,12 @@ def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
     assert main(argv) == 0  # every stage already complete: nothing rewritten
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     assert "already complete" in capsys.readouterr().err
+    # Another RAG setting re-runs the eval (only the +RAG pass is recomputed; the rest is cached).
+    assert main(["run", *args_for(tmp_path / "run", tiny_llama.path, corpus_dir, *rag[:-2], "--rag-retrieve-every", "8")]) == 0
+    capsys.readouterr()
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["chosen"]["rag"]["retrieve_every"] == 8 and again["ppl"]["base"] == results["ppl"]["base"]
+    assert again["ppl"]["rag"] != results["ppl"]["rag"]
 
 
 def test_help_documents_every_option(capsys):

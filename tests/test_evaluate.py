@@ -13,8 +13,9 @@ import torch
 from mlpmemory.corpus import sliding_windows
 from mlpmemory.datastore import build_datastore, open_datastore
 from mlpmemory.errors import MLPMemError
-from mlpmemory.evaluate import (BASE, KNN_LM, MEMORY, MEM_FILE, MEM_META, bits_per_byte, build_eval_dir, choose,
-                                evaluate_ppl, knn_file, perplexity, score_components, sweep, text_bytes)
+from mlpmemory.evaluate import (BASE, KNN_LM, MEMORY, MEM_FILE, MEM_META, RAG, bits_per_byte, build_eval_dir, choose,
+                                evaluate_ppl, format_ppl_table, knn_file, perplexity, score_components, sweep,
+                                text_bytes)
 from mlpmemory.inference import KNNLM
 
 BLOCK, STRIDE = 32, 12
@@ -196,3 +197,24 @@ def test_memory_for_another_base_is_refused(setup):
     mem.config.base_fingerprint = "0123456789abcdef"
     with pytest.raises(MLPMemError, match="base model fingerprint"):
         score_components(setup.root / "valid", memory=mem, progress=False)
+
+
+def test_rag_system_is_reported_on_the_same_tokens(setup, tmp_path, tiny_tokenizer):
+    """The +RAG row: RALM log-probs of the test tokens reported as system ``rag``; without a passage
+    (n_passages=0) they are the base pass's, so its perplexity is the base perplexity."""
+    from mlpmemory.rag import ralm_logprobs
+
+    lp = ralm_logprobs(setup.lm, None, setup.root / "test.i32", 0, 131, block=BLOCK, stride=STRIDE, retrieve_every=5,
+                       query_tokens=4, n_passages=0, batch_size=3, progress=False)
+    settings = {"retrieve_every": 5, "query_tokens": 4, "n_passages": 0}
+    res = evaluate_ppl(setup.root / "valid", setup.root / "test", tmp_path / "out", tokenizer=tiny_tokenizer,
+                       lambdas=[0.0, 0.5], progress=False,
+                       rag={"logprob": lp, "settings": settings, "retrieval_seconds": 0.0})
+    rag = res["test"]["systems"][RAG]
+    assert rag["ppl"] == pytest.approx(res["test"]["systems"][BASE]["ppl"], rel=1e-5)
+    assert rag["settings"] == settings and rag["tokens_scored"] == 130 and rag["lambda"] is None
+    assert rag["bits_per_byte"] == pytest.approx(bits_per_byte(rag["total_nll"], res["test"]["bytes"]))
+    assert "rag (BM25 top-0, every 5 tokens)" in format_ppl_table(res)
+    with pytest.raises(MLPMemError, match="130"):
+        evaluate_ppl(setup.root / "valid", setup.root / "test", tmp_path / "out2", lambdas=[0.0], progress=False,
+                     rag={"logprob": lp[:-1]})

@@ -1,0 +1,548 @@
+"""Text generation with the memory-augmented model (or the kNN-LM) through Hugging Face ``generate``.
+
+Why it is built with hooks rather than a decoding loop of our own:
+
+- **Every HF decoding strategy for free.** :func:`augmented` puts two hooks on the unchanged base
+  model: a forward pre-hook on the module whose input the memory reads (``memory.config.
+  input_site``; for the kNN-LM the datastore's key site), and a forward hook on the causal LM
+  itself that replaces ``output.logits`` by the mixed log-probabilities
+  ``log((1 - lam) p_LM + lam q)``. Log-probs are valid logits, so greedy search, sampling
+  (temperature / top-k / top-p), beam search, repetition penalties, stop strings and streamers
+  all behave exactly as for any HF model; the public MLP Memory code only did greedy search, with
+  an off-by-one token count and a dropped attention mask (METHOD.md §4).
+- **The base KV cache is the only state.** The memory is stateless per position (§2.8): it reads
+  one hidden state and returns one distribution, so with the cache the hook sees just the new
+  position's hidden state, and the result is exact. It runs only for the positions HF asked
+  logits for (``generate`` passes ``logits_to_keep=1``, so the prefill computes the memory for the
+  last prompt position only, never for the whole prompt).
+- **kNN-LM through the same hook.** ``KNNLM.search`` + ``KNNLM.distribution`` give the sparse
+  p_kNN of each new position, scattered into a dense (B, V) row and mixed the same way, so both
+  systems are compared by the same decoding code. :class:`StageTimer` splits the time spent
+  in ``memory_forward`` / ``search`` / ``distribution`` / ``mixing`` for the benchmarks.
+- **Left padding done by hand.** Prompts are tokenised one by one and left-padded here, so the
+  caller's tokenizer is never mutated (padding side, pad token), and the continuation's token ids
+  are exactly what the tokenizer gives for the prompt alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import opt
+from .errors import MLPMemError
+
+STAGES = ("memory_forward", "search", "distribution", "mixing")
+SYSTEMS = ("base", "memory", "knn_lm")
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and the hooks
+
+class StageTimer:
+    """Seconds and calls per named stage. With a CUDA ``device`` each section synchronises before
+    starting and before stopping, so asynchronous kernels are charged to the right stage."""
+
+    def __init__(self, device=None):
+        device = torch.device(device) if device is not None else None
+        self._sync = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self._device = device
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def _synchronize(self):
+        if self._sync:
+            torch.cuda.synchronize(self._device)
+
+    @contextmanager
+    def section(self, name: str):
+        self._synchronize()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+
+def _site_of(memory, knn) -> str:
+    from .inference import memory_input_module
+
+    if memory is not None:
+        return memory_input_module(memory)
+    site = ((getattr(knn, "datastore_manifest", None) or {}).get("key_site") or {})
+    module = site.get("module") if isinstance(site, dict) else site
+    if not module:
+        raise MLPMemError("the kNN-LM does not say where its keys come from (datastore_manifest['key_site']['module']); "
+                          "load it with KNNLM.from_dirs or load_knn(run)")
+    return str(module)
+
+
+def _memory_logprobs(memory, hidden: torch.Tensor) -> torch.Tensor:
+    """log-softmax (float32) of the memory's logits on (N, d) hidden states, on the memory's device."""
+    from .inference import _module_device_dtype
+
+    device, dtype = _module_device_dtype(memory, hidden.device)
+    logits = memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _knn_dense_logprobs(knn, hidden: torch.Tensor, vocab: int, timer: StageTimer) -> torch.Tensor:
+    """Dense log p_kNN (float32, (N, V), -inf where no neighbour has the token) on ``hidden``'s device."""
+    with timer.section("search"):
+        dists, ids = knn.search(hidden)
+    with timer.section("distribution"):
+        offsets, toks, probs = knn.distribution(dists, ids)
+        if len(toks) and int(toks.max()) >= vocab:
+            raise MLPMemError(f"the datastore holds token id {int(toks.max())} but the model's vocabulary has {vocab}; "
+                              "the kNN-LM belongs to another tokenizer")
+        n = len(offsets) - 1
+        rows = torch.from_numpy(np.repeat(np.arange(n), np.diff(offsets))).to(hidden.device)
+        dense = torch.zeros(n, vocab, dtype=torch.float32, device=hidden.device)
+        dense.index_put_((rows, torch.from_numpy(np.asarray(toks, np.int64)).to(hidden.device)),
+                         torch.from_numpy(np.asarray(probs, np.float32)).to(hidden.device), accumulate=True)
+        return dense.log()
+
+
+@contextmanager
+def augmented(model, *, memory=None, knn=None, lam: float, timer: StageTimer | None = None):
+    """While active, every forward of the HF causal LM ``model`` returns ``logits`` replaced by the
+    mixed log-probabilities (float32) at the positions the model returned logits for.
+
+    ``memory`` (an MLP memory) or ``knn`` (a :class:`mlpmemory.inference.KNNLM`) gives ``q``; at
+    ``lam == 0`` or without either, no hook is installed and the model is untouched.
+    """
+    from .capture import capture_inputs, resolve_site
+    from .inference import _check_lambda, mix_logprobs
+
+    model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+    lam = _check_lambda(lam)
+    if memory is not None and knn is not None:
+        raise MLPMemError("mix the base LM with the memory or with the kNN-LM, not both at once")
+    if lam == 0.0 or (memory is None and knn is None):
+        yield model
+        return
+    timer = timer if timer is not None else StageTimer()
+    spec = _site_of(memory, knn)
+    try:
+        site = resolve_site(model, spec)
+    except (IndexError, KeyError) as e:
+        raise MLPMemError(f"model {type(model).__name__} has no module {spec!r} ({e}); the memory or datastore "
+                          "was built on another base LM") from None
+
+    def replace_logits(module, args, kwargs, output):
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if logits is None:
+            return output
+        hidden = captured.pop(site.module_path, None)  # popped: a stale state must never be reused
+        if hidden is None:
+            raise MLPMemError(f"the base LM never called {site.module_path} in this forward; the memory's input site "
+                              "does not belong to this model")
+        n_pos = logits.shape[1]
+        if hidden.shape[1] < n_pos:
+            raise MLPMemError(f"the model returned logits for {n_pos} positions but {site.module_path} saw only "
+                              f"{hidden.shape[1]}")
+        b, vocab = logits.shape[0], logits.shape[-1]
+        h = hidden[:, hidden.shape[1] - n_pos:].reshape(b * n_pos, hidden.shape[-1])  # only where logits are wanted
+        if memory is not None:
+            with timer.section("memory_forward"):
+                q = _memory_logprobs(memory, h).to(logits.device)
+            if q.shape[-1] != vocab:
+                raise MLPMemError(f"the memory gives {q.shape[-1]} log-probs per position but the base LM {vocab}; "
+                                  "the memory's vocabulary must equal the base LM's")
+        else:
+            q = _knn_dense_logprobs(knn, h, vocab, timer).to(logits.device)
+        with timer.section("mixing"):
+            lm_logp = torch.log_softmax(logits.float(), dim=-1).reshape(b * n_pos, vocab)
+            mixed = mix_logprobs(lm_logp, q, lam).reshape(b, n_pos, vocab)
+        if hasattr(output, "logits"):
+            output.logits = mixed
+            return output
+        return (mixed, *output[1:])
+
+    with capture_inputs(model, [site]) as captured:
+        handle = model.register_forward_hook(replace_logits, with_kwargs=True)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# generate / score
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]  # continuation only, cut before the first stop string
+    token_ids: list[list[int]]  # generated ids up to and including EOS / the token completing a stop string
+    ttft_s: list[float]  # per prompt: from its batch's start to the first generated token
+    seconds: float  # wall-clock of all generate calls
+    new_tokens: int  # sum of len(token_ids)
+    stage_seconds: dict = field(default_factory=dict)  # StageTimer totals (memory_forward, search, ...)
+
+
+def _first_call_criterion(device: torch.device):
+    """A StoppingCriteria that never stops and records its first call: HF calls stopping criteria
+    once per step, right after the new token exists, so that call is the first token's time."""
+    from transformers import StoppingCriteria
+
+    class FirstToken(StoppingCriteria):
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.at is None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.at = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return FirstToken()
+
+
+def _ids_of(tokenizer, prompt: str, i: int) -> list[int]:
+    ids = list(tokenizer(prompt).input_ids)
+    if not ids:
+        if tokenizer.bos_token_id is None:
+            raise MLPMemError(f"prompt {i} is empty and the tokenizer has no BOS token; give at least one token of text")
+        ids = [tokenizer.bos_token_id]
+    return ids
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return {int(x) for x in ids}
+
+
+def _finish_row(gen: list[int], tokenizer, eos: set[int], pad: int, stops: list[str]) -> tuple[list[int], str]:
+    """Generated ids up to EOS / the token completing a stop string, and the text cut before the stop."""
+    end = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
+    if end == len(gen) and pad not in eos:  # HF fills finished rows with pad: drop them
+        while end and gen[end - 1] == pad:
+            end -= 1
+    if stops:  # the first prefix whose text holds a stop string is where HF's StopStringCriteria fired
+        for n in range(1, end + 1):
+            if any(s in tokenizer.decode(gen[:n], skip_special_tokens=True) for s in stops):
+                end = n
+                break
+    text = tokenizer.decode(gen[:end], skip_special_tokens=True)
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return gen[:end], text[:cut] if cut >= 0 else text
+
+
+def generate(lm, prompts, *, memory=None, knn=None, lam: float = 0.0, max_new_tokens: int = 32, do_sample: bool = False,
+             sample_temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
+             stop_strings=None, seed: int | None = None, batch_size: int = 8, streamer=None,
+             timer: StageTimer | None = None, progress: bool = False) -> GenerationOutput:
+    """Generate continuations of ``prompts`` with HF ``generate`` on the base LM mixed with ``memory``
+    or ``knn`` at weight ``lam`` (see :func:`augmented`). ``lm`` is a LoadedModel (model + tokenizer).
+
+    Batches of ``batch_size`` left-padded prompts; at most ``max_new_tokens`` new tokens each (fewer
+    only at EOS or a stop string); ``top_k`` / ``top_p`` of None mean no such filtering. ``seed``
+    makes sampling reproducible without touching the caller's global RNG state.
+    """
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
+
+    model, tok = lm.model, lm.tokenizer
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if max_new_tokens < 1 or batch_size < 1 or num_beams < 1:
+        raise MLPMemError("max_new_tokens, batch_size and num_beams must be >= 1")
+    stops = [stop_strings] if isinstance(stop_strings, str) else [s for s in (stop_strings or []) if s]
+    device = next(model.parameters()).device
+    timer = timer if timer is not None else StageTimer()
+    eos = _eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(max_new_tokens=int(max_new_tokens), min_new_tokens=None, min_length=0, do_sample=bool(do_sample),
+              num_beams=int(num_beams), num_return_sequences=1, pad_token_id=int(pad),
+              temperature=float(sample_temperature) if do_sample else None, top_k=top_k if do_sample else None,
+              top_p=top_p if do_sample else None, stop_strings=stops or None, return_dict_in_generate=False)
+    if gc.eos_token_id is None and eos:
+        gc.eos_token_id = sorted(eos)
+    all_ids = [_ids_of(tok, p, i) for i, p in enumerate(prompts)]
+    texts, token_ids, ttft = [], [], []
+    seconds = 0.0
+    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=cuda_ids) if seed is not None else nullcontext()
+    with rng, torch.inference_mode(), augmented(model, memory=memory, knn=knn, lam=lam, timer=timer):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        for start in tqdm(range(0, len(all_ids), batch_size), desc="generate", unit="batch", disable=not progress,
+                          file=sys.stderr):
+            chunk = all_ids[start:start + batch_size]
+            width = max(len(x) for x in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, ids in enumerate(chunk):  # left padding: every prompt ends at the last column
+                input_ids[r, width - len(ids):] = torch.tensor(ids)
+                mask[r, width - len(ids):] = 1
+            first = _first_call_criterion(device)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
+                                 stopping_criteria=StoppingCriteriaList([first]), streamer=streamer,
+                                 tokenizer=tok if stops else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            seconds += t1 - t0
+            for row in out[:, width:].tolist():
+                ids, text = _finish_row(row, tok, eos, pad, stops)
+                token_ids.append(ids)
+                texts.append(text)
+                ttft.append((first.at if first.at is not None else t1) - t0)
+    return GenerationOutput(texts=texts, token_ids=token_ids, ttft_s=ttft, seconds=seconds,
+                            new_tokens=sum(len(x) for x in token_ids), stage_seconds=dict(timer.totals))
+
+
+def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, batch_size: int = 8) -> list[dict]:
+    """Teacher-forced log-probs of each continuation's tokens, per component, unmixed.
+
+    The sequence is ``tokenizer(prompt).input_ids + tokenizer(continuation, add_special_tokens=False).
+    input_ids``; for each pair a dict of float64 arrays (one entry per continuation token): ``"lm"``,
+    plus ``"memory"`` / ``"knn"`` when given, so callers sweep lambda with ``mix_logprobs``. Batches are
+    right-padded (positions unchanged, pads come after every scored token), so batching does not change
+    the result.
+    """
+    from .capture import capture_inputs, resolve_site
+
+    model, tok = lm.model, lm.tokenizer
+    if len(prompts) != len(continuations):
+        raise MLPMemError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    device = next(model.parameters()).device
+    parts = [(_ids_of(tok, p, i), list(tok(c, add_special_tokens=False).input_ids))
+             for i, (p, c) in enumerate(zip(prompts, continuations))]
+    sites = {}
+    if memory is not None:
+        sites["memory"] = resolve_site(model, _site_of(memory, None))
+    if knn is not None:
+        sites["knn"] = resolve_site(model, _site_of(None, knn))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    results: list[dict | None] = [None] * len(parts)
+    order = sorted(range(len(parts)), key=lambda i: -sum(map(len, parts[i])))  # similar lengths share a batch
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            seqs = [parts[i][0] + parts[i][1] for i in idx]
+            width = max(len(s) for s in seqs)
+            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for r, s in enumerate(seqs):
+                input_ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            with capture_inputs(model, list(sites.values())) as cap:
+                out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+            # (row, position) of every scored token: position t predicts token t + 1.
+            rows = [r for r, i in enumerate(idx) for _ in parts[i][1]]
+            pos = [len(parts[i][0]) - 1 + j for i in idx for j in range(len(parts[i][1]))]
+            if not rows:
+                for i in idx:
+                    results[i] = {name: np.zeros(0, np.float64) for name in ("lm", *sites)}
+                continue
+            r_t, p_t = torch.tensor(rows, device=device), torch.tensor(pos, device=device)
+            targets = input_ids.to(device)[r_t, p_t + 1]
+            comp = {"lm": torch.log_softmax(out.logits[r_t, p_t].float(), -1).gather(-1, targets[:, None])[:, 0]
+                    .double().cpu().numpy()}
+            if "memory" in sites:
+                h = cap[sites["memory"].module_path][r_t, p_t]
+                q = _memory_logprobs(memory, h)
+                comp["memory"] = q.gather(-1, targets.to(q.device)[:, None])[:, 0].double().cpu().numpy()
+            if "knn" in sites:
+                h = cap[sites["knn"].module_path][r_t, p_t]
+                comp["knn"] = np.asarray(knn.knn_logprob_of(h, targets.cpu().numpy()), np.float64)
+            bounds = np.cumsum([0] + [len(parts[i][1]) for i in idx])
+            for j, i in enumerate(idx):
+                results[i] = {name: v[bounds[j]:bounds[j + 1]].copy() for name, v in comp.items()}
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading from a run directory
+
+def load_memory(run):
+    """The run's trained MLP memory on the base LM's device (refuses another base model)."""
+    from .memory import MLPMemory
+
+    mdir = run.path("memory")
+    if not (mdir / "config.json").exists() or not (mdir / "model.safetensors").exists():
+        raise MLPMemError(f"no trained memory in {mdir}; run `mlpmem run` or `mlpmem train` first")
+    lm = run.lm
+    return MLPMemory.from_pretrained(mdir, base=lm, device=lm.device)
+
+
+def load_knn(run, nprobe: int | None = None, index_dir=None):
+    """The run's kNN-LM: its index (or ``index_dir``) over its datastore, k and T from the targets."""
+    from .inference import KNNLM
+    from .manifest import is_complete, read_manifest
+
+    index_dir = Path(index_dir) if index_dir is not None else run.path("index")
+    for stage, path in (("datastore", run.path("datastore")), ("index", index_dir), ("targets", run.path("targets"))):
+        if not is_complete(path):
+            raise MLPMemError(f"no finished {stage} in {path}; run `mlpmem run` (or `mlpmem targets`) first")
+    tg = read_manifest(run.path("targets"), "targets")
+    return KNNLM.from_dirs(index_dir, run.path("datastore"), k=int(tg["k"]), temperature=float(tg["temperature"]),
+                           nprobe=run.cfg.nprobe if nprobe is None else int(nprobe))
+
+
+def chosen_lambdas(run) -> dict:
+    """{"memory": lambda, "knn_lm": lambda} chosen on validation by ``mlpmem eval-ppl`` (None if absent)."""
+    from .manifest import read_json
+
+    path = run.path("eval") / "ppl.json"
+    out = {"memory": None, "knn_lm": None}
+    if not path.exists():
+        return out
+    ev = read_json(path)
+    systems = (ev.get("test") or {}).get("systems") or {}
+    chosen = (ev.get("validation") or {}).get("chosen") or {}
+    for name in out:
+        lam = (systems.get(name) or {}).get("lambda")
+        lam = lam if lam is not None else (chosen.get(name) or {}).get("lambda")
+        out[name] = float(lam) if lam is not None else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# `mlpmem generate`
+
+@dataclass
+class Options:
+    prompt: str | None = opt(None, "the prompt to continue", "generate")
+    prompt_file: str | None = opt(None, "prompts to continue: .txt (one per line) or .jsonl (a 'prompt' field)", "generate")
+    system: str = opt("memory", "which model generates: the base LM, + MLP memory, or + kNN-LM", "generate",
+                      choices=list(SYSTEMS))
+    lam: float | None = opt(None, "weight of the memory / kNN distribution (default: the lambda chosen on validation "
+                                  "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)", "generate")
+    max_new_tokens: int = opt(64, "new tokens per prompt (fewer only at EOS or a stop string)", "generate")
+    do_sample: bool = opt(False, "sample instead of greedy / beam search", "generate")
+    sample_temperature: float = opt(1.0, "sampling temperature", "generate")
+    top_k: int | None = opt(None, "sample among the k most likely tokens (default: no top-k filter)", "generate")
+    top_p: float | None = opt(None, "nucleus sampling mass (default: no top-p filter)", "generate")
+    num_beams: int = opt(1, "beam search width (1: greedy or sampling)", "generate")
+    stop: str | None = opt(None, "comma-separated stop strings (\\n, \\t and \\, escapes allowed); the text is cut "
+                                 "before the first one", "generate")
+    gen_seed: int | None = opt(None, "random seed for sampling", "generate")
+    gen_batch_size: int = opt(8, "prompts per generate call (left-padded)", "generate")
+    chat: bool = opt(False, "wrap each prompt in the tokenizer's chat template (when it has one)", "generate")
+    output: str | None = opt(None, "also write JSONL: {prompt, system, lam, text, new_tokens, ttft_s} per prompt", "generate")
+
+    def validate(self) -> "Options":
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise MLPMemError("give exactly one of --prompt and --prompt-file")
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
+            raise MLPMemError("--num-beams, --max-new-tokens and --gen-batch-size must be >= 1")
+        if not self.sample_temperature > 0:
+            raise MLPMemError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise MLPMemError(f"--top-p must be within (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise MLPMemError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
+            raise MLPMemError(f"--lam must be within [0, 1], got {self.lam}")
+        return self
+
+
+def parse_stop(spec: str | None) -> list[str]:
+    r"""``"a,b\n"`` -> ["a", "b\n"]; ``\n``, ``\t``, ``\r``, ``\\`` and ``\,`` are escapes."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", ",": "\0"}  # an escaped comma survives the split as NUL
+    text = re.sub(r"\\([ntr\\,])", lambda m: escapes[m.group(1)], spec or "")
+    return [s.replace("\0", ",") for s in text.split(",") if s]
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise MLPMemError(f"prompt file {path} does not exist")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if p.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MLPMemError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise MLPMemError(f"{path}:{n} has no string field 'prompt'")
+            prompts.append(rec["prompt"])
+    else:
+        prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise MLPMemError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _chat_wrap(tokenizer, prompts: list[str]) -> list[str]:
+    if not getattr(tokenizer, "chat_template", None):
+        print("[mlpmemory] the tokenizer has no chat template; --chat ignored", file=sys.stderr)
+        return prompts
+    out = []
+    for p in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]  # the tokenizer adds it again
+        out.append(text)
+    return out
+
+
+def main(run, opts: Options) -> None:
+    from tqdm.auto import tqdm
+    from transformers import TextStreamer
+
+    prompts = [opts.prompt] if opts.prompt is not None else read_prompts(opts.prompt_file)
+    memory = knn = None
+    if opts.system == "memory":
+        memory = load_memory(run)
+    elif opts.system == "knn_lm":
+        knn = load_knn(run)
+    lam = 0.0
+    if opts.system != "base":
+        lam = opts.lam if opts.lam is not None else chosen_lambdas(run)[opts.system]
+        if lam is None:
+            lam = memory.config.lambda_default if memory is not None else 0.25
+    lm = run.lm
+    inputs = _chat_wrap(lm.tokenizer, prompts) if opts.chat else prompts
+    stream = len(prompts) == 1 and opts.num_beams == 1
+    streamer = TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    if opts.gen_seed is not None:
+        torch.manual_seed(opts.gen_seed)  # once per process: batches draw different random numbers
+    timer = StageTimer(lm.device)
+    kw = dict(memory=memory, knn=knn, lam=lam, max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample,
+              sample_temperature=opts.sample_temperature, top_k=opts.top_k, top_p=opts.top_p,
+              num_beams=opts.num_beams, stop_strings=parse_stop(opts.stop), batch_size=opts.gen_batch_size,
+              streamer=streamer, timer=timer)
+    records, seconds = [], 0.0
+    starts = range(0, len(inputs), opts.gen_batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, file=sys.stderr):
+        res = generate(lm, inputs[start:start + opts.gen_batch_size], **kw)
+        seconds += res.seconds
+        for j, text in enumerate(res.texts):
+            prompt = prompts[start + j]
+            if not stream:  # (the streamer already printed it, ending with a newline)
+                print(text if len(prompts) == 1 else f">>> {prompt}\n{text}\n", flush=True)
+            records.append({"prompt": prompt, "system": opts.system, "lam": lam, "text": text,
+                            "new_tokens": len(res.token_ids[j]), "ttft_s": res.ttft_s[j]})
+    if opts.output:
+        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    n_tok = sum(r["new_tokens"] for r in records)
+    ttft = sum(r["ttft_s"] for r in records) / len(records)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.totals.items())
+    print(f"[mlpmemory] generate: system {opts.system}, lambda {lam:g}, {len(records)} prompt(s), {n_tok} new tokens in "
+          f"{seconds:.2f}s ({n_tok / max(seconds, 1e-9):.1f} tokens/s), mean TTFT {ttft:.3f}s"
+          + (f" [{stages}]" if stages else "") + (f"; wrote {opts.output}" if opts.output else ""), file=sys.stderr)
