@@ -373,14 +373,17 @@ def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, ba
 # Loading from a run directory
 
 def load_memory(run):
-    """The run's trained MLP memory on the base LM's device (refuses another base model)."""
+    """The run's trained MLP memory on the base LM's device and in its dtype (refuses another base model).
+
+    The base dtype, not float32: the memory was trained under the same autocast, and a float32
+    memory next to a bf16 base LM doubles its cost per token (measured by ``mlpmem bench``)."""
     from .memory import MLPMemory
 
     mdir = run.path("memory")
     if not (mdir / "config.json").exists() or not (mdir / "model.safetensors").exists():
         raise MLPMemError(f"no trained memory in {mdir}; run `mlpmem run` or `mlpmem train` first")
     lm = run.lm
-    return MLPMemory.from_pretrained(mdir, base=lm, device=lm.device)
+    return MLPMemory.from_pretrained(mdir, base=lm, device=lm.device, dtype=lm.dtype)
 
 
 def load_knn(run, nprobe: int | None = None, index_dir=None):

@@ -160,7 +160,11 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype",
 def model_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     """Hash of the architecture config plus, per tensor, its name, shape, sum and a strided sample
     of its values. Weights loaded in another dtype may round differently and so fingerprint
-    differently: that is intended, the dtype is part of what produced a datastore."""
+    differently: that is intended, the dtype is part of what produced a datastore.
+
+    The sum is taken in float64 and kept to 12 significant digits: a float32 sum depends on the
+    reduction order, i.e. on the number of threads or the device, and a memory trained on one
+    machine must still recognise its base model on another."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
@@ -172,7 +176,7 @@ def model_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
             h.update(pname.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(vals.numpy().tobytes())
-            h.update(str(float(flat.float().sum())).encode())
+            h.update(f"{float(flat.double().sum()):.12g}".encode())
     return h.hexdigest()[:16]
 
 
