@@ -1,0 +1,667 @@
+"""`mlpmem bench`: speed and memory of base, +MLP memory, +kNN-LM (exact / IVF-PQ) and +RAG.
+
+Why it is measured this way:
+
+- **Same inputs and code path as real use.** Prompts are windows of the run's held-out test text.
+  Memory and kNN-LM run under :func:`mlpmemory.generation.augmented` (the hooks generation uses);
+  RAG retrieves with BM25 and prepends passages on every call, so it pays retrieval and the longer
+  context; its prefill counts only the original prompt tokens as useful and asks for their logits.
+- **Prefill = scoring a text** (one forward, mixing at every position). **Decode** = greedy with
+  the KV cache, timed step by step (CUDA synchronised before every clock read); time to first
+  token runs from the prompt (text, for RAG) to the first token. One untimed warm-up per system,
+  then ``bench_repeats`` repeats; medians over repeats are reported, raw timings all kept.
+- **Stage split.** StageTimer sections (memory_forward, search, distribution, mixing, and our
+  retrieval) are nested in the timed total; ``base_forward`` = total - sections (the frozen LM with
+  hook capture, plus Python). The split is the median repeat's, so it sums to that repeat's total.
+- **Peak RSS per system, in one process.** Indexes are built first; before a system's components
+  load, the kernel's high-water mark is reset (``echo 5 > /proc/self/clear_refs``) and VmRSS noted
+  (base LM + process); the peak is VmHWM after its measurements. Without the reset, ``ru_maxrss``
+  since process start is given, flagged ``reset: false``. On CUDA, max_memory_allocated likewise.
+- **Datastore-size scaling**: Flat and IVF-PQ indexes over the first N keys, cached in
+  ``bench/indexes/N_<factory>/`` with a manifest; kNN-LM decoding is timed at each N next to the
+  memory and the base LM, whose cost cannot depend on N (measured anyway, to show it).
+- **Overhead model**: FLOPs/token of the base LM and the memory predict the memory's overhead;
+  where the measurement differs by > 10%, the stage split says where the time went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import inspect
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import opt
+from .errors import MLPMemError
+from .manifest import atomic_write_json, is_complete, read_manifest, sha256_json, write_manifest
+
+SYSTEMS = ("base", "memory", "knn_exact", "knn_ivfpq", "rag")
+LABELS = {"base": "base LM", "memory": "+ MLP memory", "knn_exact": "+ kNN-LM exact (Flat)",
+          "knn_ivfpq": "+ kNN-LM IVF-PQ", "rag": "+ RAG (BM25)"}
+STAGE_ORDER = ("base_forward", "capture", "memory_forward", "search", "distribution", "mixing", "retrieval")
+TRAIN_SAMPLES = 100_000  # IVF/PQ training sample (deterministic), enough for >= 39 points per list
+
+
+@dataclass
+class Options:
+    bench_systems: str = opt("base,memory,knn_exact,knn_ivfpq,rag", "comma-separated systems to measure: "
+                             + ", ".join(SYSTEMS), "bench")
+    bench_prompts: int = opt(8, "prompts (windows of the held-out test text) per measurement", "bench")
+    bench_prompt_tokens: int = opt(256, "tokens per prompt", "bench")
+    bench_decode_tokens: int = opt(32, "greedy tokens generated per prompt for decode latency", "bench")
+    bench_repeats: int = opt(3, "timed repeats after one warm-up; medians are reported", "bench")
+    bench_sizes: str = opt("25000,100000,400000", "datastore sizes N for the kNN scaling curve (capped at the "
+                           "datastore's rows; empty = skip)", "bench")
+    bench_k: int = opt(1024, "kNN-LM neighbours per token", "bench")
+    bench_nprobe: int = opt(32, "IVF lists probed per kNN query", "bench")
+    bench_rag_n: int = opt(3, "BM25 passages prepended per prompt for +RAG", "bench")
+    bench_threads: int | None = opt(None, "torch/FAISS CPU threads (default: leave as is)", "bench")
+    bench_out: str | None = opt(None, "output directory (default: <run>/bench)", "bench")
+
+    def systems(self) -> list[str]:
+        names = [s.strip() for s in self.bench_systems.split(",") if s.strip()]
+        if not names or (bad := [s for s in names if s not in SYSTEMS]):
+            raise MLPMemError(f"--bench-systems: unknown {names or 'empty list'}; choose from {', '.join(SYSTEMS)}")
+        return names
+
+    def sizes(self) -> list[int]:
+        try:
+            sizes = [int(float(s)) for s in self.bench_sizes.split(",") if s.strip()]
+        except ValueError:
+            raise MLPMemError(f"--bench-sizes must be comma-separated integers, got {self.bench_sizes!r}") from None
+        if any(n < 1 for n in sizes):
+            raise MLPMemError(f"--bench-sizes must be positive, got {self.bench_sizes!r}")
+        return sizes
+
+    def validate(self) -> None:
+        self.systems(), self.sizes()
+        lows = {"bench_prompts": 1, "bench_prompt_tokens": 1, "bench_repeats": 1, "bench_k": 1, "bench_nprobe": 1,
+                "bench_rag_n": 1, "bench_decode_tokens": 2, "bench_threads": 1}  # decode: first token + >= 1 step
+        for name, low in lows.items():
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise MLPMemError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+
+
+# -------- Statistics, clocks, memory accounting -------------------------------------------------
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _median_index(totals: list[float]) -> int:
+    """Index of the (lower) median repeat, so its stage split sums to a reported total."""
+    return sorted(range(len(totals)), key=lambda i: totals[i])[(len(totals) - 1) // 2]
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _proc_status_mb(field: str) -> float | None:
+    with contextlib.suppress(OSError):
+        return next((int(ln.split()[1]) / 1024 for ln in open("/proc/self/status") if ln.startswith(field + ":")), None)
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM); False where that is not possible."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the baseline is honest
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        return f.write("5") == 1
+    return False
+
+
+def memory_state(device, reset_ok: bool) -> dict:
+    peak = _proc_status_mb("VmHWM") if reset_ok else None
+    out = {"peak_rss_mb": peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_now_mb": _proc_status_mb("VmRSS"), "reset": bool(reset_ok and peak is not None)}
+    if torch.device(device).type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+# -------- FLOP model ----------------------------------------------------------------------------
+
+def base_flops_per_token(model, context: float) -> dict:
+    """Forward FLOPs per token of a HF causal LM at a mean attended ``context`` (in positions).
+
+    ``2 * non-embedding params`` (token/position embeddings and the LM head excluded),
+    ``+ 4 * layers * context * d_attn`` (QK^T and attention x V, d_attn = heads x head_dim),
+    ``+ 2 * d * V`` (the LM head, counted once even when tied to the input embedding).
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    emb = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings()
+    excluded = emb | {head.weight.data_ptr()} | ({head.bias.data_ptr()} if getattr(head, "bias", None) is not None else set())
+    non_emb = sum(n for ptr, n in unique.items() if ptr not in excluded)
+    vocab, d = head.weight.shape
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    layers = int(cfg.num_hidden_layers)
+    parts = {"params": 2.0 * non_emb, "attention": 4.0 * layers * float(context) * heads * head_dim,
+             "lm_head": 2.0 * d * vocab}
+    return {**parts, "total": sum(parts.values()), "non_embedding_params": int(non_emb), "context": float(context)}
+
+
+def memory_flops_per_token(memory) -> float:
+    """2 x the memory's parameters (its LM head included): one matmul-add per weight per token."""
+    return 2.0 * sum(p.numel() for p in memory.parameters())
+
+
+# -------- Indexes over a prefix of the datastore (cached) ---------------------------------------
+
+def prefix_factories(n: int, d: int, train_samples: int = TRAIN_SAMPLES) -> dict:
+    """``{"knn_exact": "Flat", "knn_ivfpq": "IVF{nlist},PQ{m}x{bits}"}`` for N keys of dim d.
+
+    nlist: power of two nearest 4 sqrt(N), halved until each list gets >= 39 training points; m:
+    the largest divisor of d <= 64 with sub-vectors of >= 4 dims (64-byte codes for d = 576); 8-bit
+    codes unless the sample is too small for 256 centroids per sub-quantizer (tiny datastores).
+    """
+    from .index import MIN_POINTS_PER_LIST, _pow2_nearest
+
+    n_train = min(n, train_samples)
+    nlist = _pow2_nearest(4.0 * math.sqrt(n))
+    while nlist > 1 and n_train / nlist < MIN_POINTS_PER_LIST:
+        nlist //= 2
+    m = max(x for x in range(1, max(1, min(d // 4, 64)) + 1) if d % x == 0)
+    bits = int(min(8, max(1, math.floor(math.log2(max(n_train / MIN_POINTS_PER_LIST, 2))))))
+    return {"knn_exact": "Flat", "knn_ivfpq": f"IVF{nlist},PQ{m}x{bits}"}
+
+
+def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 0, load: bool = True):
+    """(index, manifest) of ``factory`` over datastore rows [0, n), built once into root/N_<factory>."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    from .index import INDEX_FILE, _index_params, _sample_rows, load_index, measure_recall
+
+    out = root / f"{n}_{factory.replace(',', '_')}"
+    identity = {"datastore_fingerprint": sha256_json(ds.manifest), "n": int(n), "factory": factory, "seed": seed,
+                "train_samples": min(n, TRAIN_SAMPLES)}
+    if is_complete(out) and all(read_manifest(out).get(k) == v for k, v in identity.items()):
+        return load_index(out, None, nprobe=nprobe) if load else (None, read_manifest(out))
+    (out / "manifest.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    index = faiss.index_factory(ds.dim, factory, faiss.METRIC_L2)
+    if hasattr(faiss.downcast_index(index), "do_polysemous_training"):
+        # index_factory turns on polysemous training for PQ: slow (28 s for PQ32 on 5k tiny keys) and
+        # useless unless polysemous search (polysemous_ht) is used, which kNN-LM does not
+        faiss.downcast_index(index).do_polysemous_training = False
+    if not index.is_trained:
+        rows = _sample_rows(n, TRAIN_SAMPLES, seed)
+        print(f"[bench] training {factory} on {len(rows):,} of {n:,} keys", file=sys.stderr)
+        index.train(np.asarray(ds.keys[rows], dtype=np.float32))
+    for s in tqdm(range(0, n, 65_536), desc=f"index {n} {factory}", unit="batch"):
+        index.add(np.ascontiguousarray(ds.keys[s:min(n, s + 65_536)], dtype=np.float32))
+    params = _index_params(index, nprobe)
+    if "nlist" in params:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    quality = {"recall": 1.0, "recall_k": None}  # Flat is exact by construction
+    if factory != "Flat":
+        queries = np.asarray(ds.keys[_sample_rows(n, 128, seed + 1)], dtype=np.float32)
+        quality = measure_recall(index, ds.keys[:n], queries, 64)
+    faiss.write_index(index, str(out / f"{INDEX_FILE}.tmp"))
+    os.replace(out / f"{INDEX_FILE}.tmp", out / INDEX_FILE)
+    manifest = write_manifest(out, {**identity, "dim": ds.dim, "params": params, **quality,
+                                    "build_seconds": time.perf_counter() - t0,
+                                    "file_bytes": (out / INDEX_FILE).stat().st_size})
+    return index, manifest
+
+
+# -------- Systems and the timed loops -----------------------------------------------------------
+
+@dataclass
+class System:
+    name: str
+    memory: object = None
+    knn: object = None
+    lam: float = 0.0
+    retriever: object = None
+    info: dict | None = None
+
+
+class Bench:
+    """The LM, the prompts, and the timed prefill / decode loops shared by every system."""
+
+    def __init__(self, lm, prompt_ids: torch.Tensor, rag_n: int):
+        self.lm, self.model, self.device = lm, lm.model, lm.device
+        self.ids = prompt_ids.to(self.device)
+        self.texts = [lm.tokenizer.decode(row) for row in prompt_ids.tolist()]
+        self.rag_n = rag_n
+        self.pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+        self.max_pos = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
+        self.rag_truncated = 0
+        params = inspect.signature(self.model.forward).parameters  # transformers 5.x renamed past_key_values
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep = (lambda n: {"logits_to_keep": n}) if "logits_to_keep" in params else (lambda n: {})
+
+    def timer(self):
+        from .generation import StageTimer
+
+        return StageTimer(self.device)
+
+    def inputs(self, system: System, rows: list[int], timer, room: int = 0):
+        """(input_ids, attention_mask, position_ids) of prompts ``rows``; RAG retrieves here (timed)."""
+        if system.retriever is None:
+            ids = self.ids[rows]
+            return ids, torch.ones_like(ids), None
+        from .rag import rag_prompt
+
+        with timer.section("retrieval"):
+            texts = [self.texts[r] for r in rows]
+            found = system.retriever.retrieve(texts, self.rag_n)
+            seqs = [self.lm.tokenizer(rag_prompt(p, t), add_special_tokens=False).input_ids for p, t in zip(found, texts)]
+            limit = self.max_pos - room
+            self.rag_truncated += sum(len(s) > limit for s in seqs)
+            seqs = [s[-limit:] for s in seqs]  # over the model's window: drop the oldest passage text
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
+                ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s), 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def prefill(self, system: System, batch: int, n_rows: int) -> dict:
+        """One scoring pass over ``n_rows`` prompts (cycled) in batches: seconds, useful tokens, stages."""
+        timer, total, useful = self.timer(), 0.0, 0
+        rows = [i % len(self.ids) for i in range(n_rows)]
+        with self.hooks(system, timer):
+            for s in range(0, len(rows), batch):
+                t0 = _now(self.device)
+                ids, mask, pos = self.inputs(system, rows[s:s + batch], timer)
+                keep = self.ids.shape[1] if system.retriever is not None else 0  # RAG: logits of the prompt only
+                self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self.keep(keep))
+                total += _now(self.device) - t0
+                useful += len(rows[s:s + batch]) * self.ids.shape[1]
+        return {"seconds": total, "tokens": useful, "stages": split(total, timer)}
+
+    def decode(self, system: System, rows: list[int], steps: int) -> dict:
+        """Greedy decoding of ``steps + 1`` tokens with the KV cache: TTFT and per-step latencies."""
+        t_pre, t_dec = self.timer(), self.timer()
+        t0 = _now(self.device)
+        with self.hooks(system, t_pre):
+            ids, mask, pos = self.inputs(system, rows, t_pre, room=steps + 1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.keep(1))
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ttft = _now(self.device) - t0
+        past, step_s = getattr(out, self.cache_kw), []
+        with self.hooks(system, t_dec):
+            for _ in range(steps):
+                t = _now(self.device)
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                out = self.model(input_ids=nxt, attention_mask=mask, use_cache=True, **{self.cache_kw: past})
+                past, nxt = getattr(out, self.cache_kw), out.logits[:, -1].argmax(-1, keepdim=True)
+                step_s.append(_now(self.device) - t)
+        return {"ttft_s": ttft, "step_s": step_s, "stages": split(sum(step_s), t_dec)}
+
+    def hooks(self, system: System, timer):
+        """The exact hooks generation uses (none for base and RAG)."""
+        from .generation import augmented
+
+        if system.memory is None and system.knn is None:
+            return contextlib.nullcontext()
+        return augmented(self.model, memory=system.memory, knn=system.knn, lam=system.lam, timer=timer)
+
+
+def split(total: float, timer) -> dict:
+    """Stage seconds: the timer's sections, and base_forward = total minus all of them."""
+    parts = {k: float(v) for k, v in timer.totals.items() if v}
+    return {"base_forward": total - sum(parts.values()), **parts, "total": total}
+
+
+def _rate_summary(runs: list[dict], tokens_key: str) -> dict:
+    rates = [r[tokens_key] / r["seconds"] for r in runs]
+    mid = runs[_median_index([r["seconds"] for r in runs])]
+    per_tok = {k: v / mid[tokens_key] for k, v in mid["stages"].items()}
+    return {"tokens_per_s": float(np.median(rates)), "stage_s_per_token": per_tok, "repeats": len(runs), "runs": runs}
+
+
+def decode_runs(bench: Bench, system: System, groups: list[list[int]], steps: int, repeats: int) -> dict:
+    """Repeated greedy decoding of every group of prompts (one batch each): tokens/s, latency, TTFT."""
+    runs = []
+    for _ in range(repeats):
+        rs = [bench.decode(system, g, steps) for g in groups]
+        runs.append({"seconds": sum(sum(r["step_s"]) for r in rs), "tokens": steps * sum(map(len, groups)),
+                     "step_ms": [1e3 * s for r in rs for s in r["step_s"]], "ttft_ms": [1e3 * r["ttft_s"] for r in rs],
+                     "stages": {k: sum(r["stages"].get(k, 0.0) for r in rs) for k in {k for r in rs for k in r["stages"]}}})
+    out = _rate_summary(runs, "tokens")
+    for name, key in (("latency", "step_ms"), ("ttft", "ttft_ms")):
+        for q in (50, 95):
+            out[f"{name}_ms_p{q}"] = float(np.median([percentile(r[key], q) for r in runs]))
+    return {**out, "batch": len(groups[0]), "new_tokens_per_prompt": steps + 1}
+
+
+def measure_system(bench: Bench, system: System, opts: Options) -> dict:
+    """Prefill at batch 1 and 8 and batch-1 decode (latency, TTFT): one warm-up, then the repeats."""
+    p, steps = len(bench.ids), opts.bench_decode_tokens - 1
+    bench.prefill(system, 1, 1), bench.prefill(system, 8, 8), bench.decode(system, [0], min(steps, 2))  # warm-up
+    pre = {"batch_1": [], "batch_8": []}
+    for _ in range(opts.bench_repeats):
+        for b, n in ((1, p), (8, 8 * math.ceil(p / 8))):  # batch 8: prompts cycled to full batches
+            pre[f"batch_{b}"].append(bench.prefill(system, b, n))
+    return {"system": system.name, "lambda": system.lam, **(system.info or {}),
+            "prefill": {k: _rate_summary(v, "tokens") for k, v in pre.items()},
+            "decode": decode_runs(bench, system, [[i] for i in range(p)], steps, opts.bench_repeats)}
+
+
+def decode_rates(bench: Bench, system: System, opts: Options) -> dict:
+    """A scaling point: decode tokens/s at batch 1 (every prompt) and batch 8 (prompts cycled)."""
+    steps, p = opts.bench_decode_tokens - 1, len(bench.ids)
+    bench.decode(system, [0], min(steps, 2))  # warm-up
+    return {f"batch_{b}": decode_runs(bench, system, g, steps, opts.bench_repeats)
+            for b, g in ((1, [[i] for i in range(p)]), (8, [[i % p for i in range(8)]]))}
+
+
+# -------- The command ---------------------------------------------------------------------------
+
+def load_prompts(run, n: int, length: int) -> torch.Tensor:
+    """``n`` consecutive ``length``-token windows of the held-out test half (from the split start if short)."""
+    from .datastore import read_tokens
+
+    total, need = int(read_manifest(run.path("corpus"), "corpus")["n_tokens"]["heldout"]), n * length
+    if need > total:
+        raise MLPMemError(f"the held-out text has {total:,} tokens, fewer than {n} prompts x {length} tokens; "
+                          "lower --bench-prompts or --bench-prompt-tokens")
+    start = total // 2 if total - total // 2 >= need else total - need
+    toks = read_tokens(run.path("corpus") / "heldout.i32", start, start + need)
+    return torch.from_numpy(np.asarray(toks, dtype=np.int64).reshape(n, length).copy())
+
+
+def machine_info(lm, memory_dtype=None) -> dict:
+    import faiss
+    import transformers
+
+    from . import __version__
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "faiss_threads": faiss.omp_get_max_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
+            "memory_dtype": str(memory_dtype), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
+            "mlpmemory": __version__, "platform": platform.platform(),
+            **({"gpu": torch.cuda.get_device_name(lm.device)} if lm.device.type == "cuda" else {})}
+
+
+def _lambdas(run) -> dict:
+    from .generation import chosen_lambdas
+
+    chosen = chosen_lambdas(run)
+    # lambda = 0 would install no hooks and time the base LM; cost does not depend on its value.
+    return {k: (float(chosen[k]), "validation") if chosen.get(k) else (0.25, "default (none chosen)")
+            for k in ("memory", "knn_lm")}
+
+
+def main(run, opts: Options) -> None:
+    import faiss
+
+    from .datastore import open_datastore
+
+    opts.validate()
+    # Loaded before changing the thread count: models.model_fingerprint sums weights in float, and
+    # the sum's rounding depends on torch's thread count (a memory would then refuse its base LM).
+    lm = run.lm
+    if opts.bench_threads:
+        torch.set_num_threads(opts.bench_threads)
+        faiss.omp_set_num_threads(opts.bench_threads)
+    out = Path(opts.bench_out) if opts.bench_out else run.dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    systems = opts.systems()
+    ds = open_datastore(run.path("datastore"))
+    temperature = float(read_manifest(run.path("targets"), "targets")["temperature"])
+    lams = _lambdas(run)
+    bench = Bench(lm, load_prompts(run, opts.bench_prompts, opts.bench_prompt_tokens), opts.bench_rag_n)
+    print(f"[bench] {len(bench.ids)} prompts x {bench.ids.shape[1]} tokens, systems {', '.join(systems)}, "
+          f"{opts.bench_repeats} repeats, output {out}", file=sys.stderr)
+
+    sizes = sorted({min(n, ds.n) for n in opts.sizes()})
+    knn = ("knn_exact", "knn_ivfpq")
+    todo = {(ds.n, k) for k in knn if k in systems} | {(n, k) for n in sizes for k in knn}
+    for n, k in sorted(todo):  # built first, so no build is charged to a system's time or RSS
+        prefix_index(ds, n, prefix_factories(n, ds.dim)[k], out / "indexes", opts.bench_nprobe, load=False)
+    if "rag" in systems:
+        from .rag import BM25Retriever
+
+        BM25Retriever.build_or_load(run)
+
+    def load(name, n=ds.n):
+        if name == "memory":
+            from .generation import load_memory
+
+            return System(name, memory=load_memory(run), lam=lams["memory"][0], info={"lambda_source": lams["memory"][1]})
+        if name == "rag":
+            r = BM25Retriever.build_or_load(run)
+            return System(name, retriever=r, info={"passages_per_prompt": opts.bench_rag_n, "bm25_passages": len(r)})
+        if name == "base":
+            return System(name)
+        from .inference import KNNLM
+
+        factory = prefix_factories(n, ds.dim)[name]
+        index, man = prefix_index(ds, n, factory, out / "indexes", opts.bench_nprobe)
+        knn = KNNLM(index, ds.values[:n], k=opts.bench_k, temperature=temperature, lam=lams["knn_lm"][0],
+                    fingerprint=sha256_json(man), datastore_manifest=ds.manifest)
+        return System(name, knn=knn, lam=lams["knn_lm"][0], info={
+            "lambda_source": lams["knn_lm"][1], "k": knn.k, "temperature": temperature,
+            "index": {"factory": factory, "n": n, "nprobe": opts.bench_nprobe,
+                      **{f: man.get(f) for f in ("recall", "recall_k", "build_seconds", "file_bytes")}}})
+
+    results, memory_dtype = {}, None
+    with torch.inference_mode():
+        for name in systems:
+            reset_ok = reset_peak_rss()
+            if lm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            before, t0 = _proc_status_mb("VmRSS"), time.perf_counter()
+            system = load(name)
+            load_s = time.perf_counter() - t0
+            print(f"[bench] {LABELS[name]} ...", file=sys.stderr)
+            bench.rag_truncated = 0
+            res = measure_system(bench, system, opts)
+            res.update(load_seconds=load_s, memory={"rss_before_mb": before, **memory_state(lm.device, reset_ok)})
+            if name == "rag":
+                res["rag_prompts_truncated_to_model_window"] = bench.rag_truncated
+            if system.memory is not None:
+                memory_dtype = next(system.memory.parameters()).dtype
+                res["memory_flops_per_token"] = memory_flops_per_token(system.memory)
+            results[name] = res
+            del system
+        scaling = run_scaling(bench, opts, sizes, load) if sizes else None
+    report = {"settings": asdict(opts), "order": systems, "machine": machine_info(lm, memory_dtype),
+              "prompts": {"n": len(bench.ids), "tokens": bench.ids.shape[1], "source": "held-out test half"},
+              "datastore_rows": ds.n, "systems": results, "scaling": scaling, "how": _HOW,
+              "overhead_model": flop_report(lm.model, results, bench.ids.shape[1], opts.bench_decode_tokens,
+                                            f"; memory in {memory_dtype}, base LM in {lm.dtype}"
+                                            if memory_dtype not in (None, lm.dtype) else "")}
+    atomic_write_json(out / "bench.json", report)
+    print(write_outputs(out, report))
+    print(f"\nbench: {out / 'bench.json'}, {out / 'bench.md'}")
+
+
+def run_scaling(bench: Bench, opts: Options, sizes: list[int], load) -> dict:
+    memory = load("memory")
+    points = []
+    for n in sizes:
+        print(f"[bench] scaling: N = {n:,}", file=sys.stderr)
+        point = {"n": n, "systems": {}}
+        for name in ("base", "memory", "knn_exact", "knn_ivfpq"):
+            system = memory if name == "memory" else load(name, n)
+            point["systems"][name] = {**decode_rates(bench, system, opts), **(system.info or {})}
+        points.append(point)
+    last = points[-1]["systems"]
+    ratios = {f"memory_over_{k}_batch_{b}": last["memory"][f"batch_{b}"]["tokens_per_s"] / last[k][f"batch_{b}"]["tokens_per_s"]
+              for k in ("knn_exact", "knn_ivfpq") for b in (1, 8)}
+    return {"sizes": sizes, "points": points, "largest_n": sizes[-1], "ratios_at_largest_n": ratios}
+
+
+_HOW = {"prefill": "one forward per prompt (no cache), mixing at every position; tokens/s = useful prompt tokens / s; "
+                   "RAG: retrieval + passages processed, logits for the prompt tokens only",
+        "decode": "greedy with the KV cache under generation.augmented; per-step latency; TTFT = prompt -> first "
+                  "token (retrieval and tokenisation included for RAG)",
+        "stages": "StageTimer sections nested in the total; base_forward = total - sections; median repeat's split",
+        "peak_rss": "VmHWM after resetting it (/proc/self/clear_refs) before the system's components load; "
+                    "rss_before_mb = VmRSS then (base LM + process); fallback ru_maxrss (reset false)",
+        "medians": "one untimed warm-up per system, then bench_repeats repeats; medians over repeats"}
+
+
+# -------- Overhead model, table and charts ------------------------------------------------------
+
+def flop_report(model, results: dict, t: int, new_tokens: int, dtypes: str = "") -> dict | None:
+    """Predicted (FLOPs) vs measured overhead of the memory over the base LM, prefill and decode."""
+    if "base" not in results or "memory" not in results:
+        return None
+    mem_flops, rows = results["memory"]["memory_flops_per_token"], {}
+    # prefill: position p attends p + 1 positions; decode steps run at positions t .. t + new_tokens - 2
+    for phase, ctx, get in (("prefill_batch_1", (t + 1) / 2, lambda r: r["prefill"]["batch_1"]),
+                            ("prefill_batch_8", (t + 1) / 2, lambda r: r["prefill"]["batch_8"]),
+                            ("decode", t + 1 + (new_tokens - 2) / 2, lambda r: r["decode"])):
+        base, mem = get(results["base"]), get(results["memory"])
+        flops = base_flops_per_token(model, ctx)
+        predicted, base_s = mem_flops / flops["total"], 1 / base["tokens_per_s"]
+        measured = base["tokens_per_s"] / mem["tokens_per_s"] - 1
+        ms = {"base": 1e3 * base_s, "memory_system": 1e3 / mem["tokens_per_s"], "memory_forward_predicted":
+              1e3 * base_s * predicted, **{k: 1e3 * v for k, v in mem["stage_s_per_token"].items() if k != "total"},
+              "base_forward_in_base_system": 1e3 * base["stage_s_per_token"]["base_forward"]}
+        row = rows[phase] = {"base_flops_per_token": flops["total"], "base_flops_parts": flops,
+                             "memory_flops_per_token": mem_flops, "predicted_overhead": predicted,
+                             "measured_overhead": measured, "ms_per_token": ms,
+                             "differs_over_10pct": abs(measured - predicted) > 0.10 * predicted}
+        if row["differs_over_10pct"]:
+            row["explanation"] = (
+                f"memory_forward {ms.get('memory_forward', 0):.3g} ms/token vs {ms['memory_forward_predicted']:.3g} "
+                f"predicted by FLOPs; mixing (log-softmax over V + logaddexp) {ms.get('mixing', 0):.3g} ms/token, "
+                f"FLOP-free in the model; base forward {ms['base_forward'] - ms['base_forward_in_base_system']:+.3g} "
+                f"ms/token vs the base system (hook capture, timing noise){dtypes}")
+    return rows
+
+
+def _f(x, spec=".1f"):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def format_markdown(report: dict) -> str:
+    res, m = {k: report["systems"][k] for k in report["order"]}, report["machine"]
+    lines = [f"Speed on {report['prompts']['n']} held-out prompts x {report['prompts']['tokens']} tokens, "
+             f"{report['settings']['bench_decode_tokens']} greedy tokens each; {m['device']} ({m['cpu']}, "
+             f"{m['torch_threads']} torch threads), {m['dtype']}; medians of {report['settings']['bench_repeats']} "
+             "repeats after a warm-up", "",
+             "| system | prefill tok/s b1 | prefill tok/s b8 | decode ms/token p50 | p95 | decode tok/s | TTFT ms p50 "
+             "| peak RSS MB (before) | repeats |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        d, mem = r["decode"], r["memory"]
+        cuda = f", CUDA {mem['cuda_max_allocated_mb']:.0f}" if "cuda_max_allocated_mb" in mem else ""
+        lines.append(f"| {LABELS[name]} | {_f(r['prefill']['batch_1']['tokens_per_s'])} | "
+                     f"{_f(r['prefill']['batch_8']['tokens_per_s'])} | {_f(d['latency_ms_p50'], '.2f')} | "
+                     f"{_f(d['latency_ms_p95'], '.2f')} | {_f(d['tokens_per_s'])} | {_f(d['ttft_ms_p50'])} | "
+                     f"{_f(mem['peak_rss_mb'], '.0f')} ({_f(mem['rss_before_mb'], '.0f')}){cuda} | {d['repeats']} |")
+    stages = [s for s in STAGE_ORDER if any(s in b["stage_s_per_token"] for r in res.values()
+                                            for b in (r["prefill"]["batch_1"], r["decode"]))]
+    lines += ["", "Stage split, ms per useful token (median repeat; base_forward = total - timed sections)", "",
+              "| system | phase | " + " | ".join(stages) + " | total |", "|---|---|" + "---|" * (len(stages) + 1)]
+    for name, r in res.items():
+        for phase, block in (("prefill b1", r["prefill"]["batch_1"]), ("decode b1", r["decode"])):
+            st = block["stage_s_per_token"]
+            lines.append(f"| {LABELS[name]} | {phase} | " + " | ".join(_f(1e3 * st[s], ".3f") if s in st else ""
+                                                                     for s in stages) + f" | {1e3 * st['total']:.3f} |")
+    if report.get("overhead_model"):
+        lines += ["", "Overhead model: FLOPs per token, memory vs base LM", "",
+                  "| phase | base GFLOP/token | memory GFLOP/token | predicted overhead | measured overhead | note |",
+                  "|---|---|---|---|---|---|"]
+        for phase, row in report["overhead_model"].items():
+            lines.append(f"| {phase} | {row['base_flops_per_token'] / 1e9:.4g} | {row['memory_flops_per_token'] / 1e9:.4g}"
+                         f" | {100 * row['predicted_overhead']:+.1f}% | {100 * row['measured_overhead']:+.1f}% | "
+                         f"{row.get('explanation', 'within 10%')} |")
+    sc = report.get("scaling")
+    if sc:
+        lines += ["", "Datastore-size scaling: decode tokens/s (batch 1 / batch 8)", "",
+                  "| N | base | + MLP memory | + kNN exact | + kNN IVF-PQ | IVF-PQ factory (recall@64) |", "|---|---|---|---|---|---|"]
+        for pt in sc["points"]:
+            s = pt["systems"]
+            cells = [f"{_f(s[k]['batch_1']['tokens_per_s'])} / {_f(s[k]['batch_8']['tokens_per_s'])}"
+                     for k in ("base", "memory", "knn_exact", "knn_ivfpq")]
+            ix = s["knn_ivfpq"]["index"]
+            lines.append(f"| {pt['n']:,} | " + " | ".join(cells) + f" | {ix['factory']} ({_f(ix['recall'], '.3f')}) |")
+        r = sc["ratios_at_largest_n"]
+        lines += ["", f"At N = {sc['largest_n']:,} the memory decodes {r['memory_over_knn_exact_batch_1']:.2f}x "
+                      f"(batch 1) / {r['memory_over_knn_exact_batch_8']:.2f}x (batch 8) as fast as exact kNN-LM and "
+                      f"{r['memory_over_knn_ivfpq_batch_1']:.2f}x / {r['memory_over_knn_ivfpq_batch_8']:.2f}x as fast as IVF-PQ kNN-LM."]
+    lines += ["", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
+    return "\n".join(lines)
+
+
+def write_charts(out: Path, report: dict) -> None:
+    """throughput.png (per system), stage_split.png (stacked, prefill and decode), scaling.png (vs N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, names = report["systems"], report["order"]
+    x, blocks = np.arange(len(names)), {"prefill b1": lambda r: r["prefill"]["batch_1"],
+                                         "prefill b8": lambda r: r["prefill"]["batch_8"], "decode b1": lambda r: r["decode"]}
+
+    def finish(fig, axes, name):
+        for ax in axes:
+            if ax.get_xlabel() == "":
+                ax.set_xticks(x, [LABELS[n].replace("+ ", "+") for n in names], rotation=15, fontsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for j, (label, get) in enumerate(blocks.items()):
+        ax.bar(x + (j - 1) * 0.27, [get(res[n])["tokens_per_s"] for n in names], 0.27, label=label)
+    ax.set(ylabel="tokens / s", yscale="log", title="Throughput per system (median of repeats)")
+    finish(fig, [ax], "throughput.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, phase in zip(axes, ("prefill b1", "decode b1")):
+        bottom = np.zeros(len(names))
+        for stage in STAGE_ORDER:
+            vals = np.array([1e3 * blocks[phase](res[n])["stage_s_per_token"].get(stage, 0.0) for n in names])
+            if vals.any():
+                ax.bar(x, vals, 0.6, bottom=bottom, label=stage)
+                bottom += vals
+        ax.set(ylabel="ms per useful token", title=f"Stage split: {phase}")
+    finish(fig, axes, "stage_split.png")
+    if report.get("scaling"):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        pts = report["scaling"]["points"]
+        for c, k in enumerate(("base", "memory", "knn_exact", "knn_ivfpq")):
+            for b, style in ((1, "-o"), (8, "--s")):
+                ax.plot([p["n"] for p in pts], [p["systems"][k][f"batch_{b}"]["tokens_per_s"] for p in pts], style,
+                        color=f"C{c}", label=f"{LABELS[k]}, batch {b}")
+        ax.set(xscale="log", yscale="log", xlabel="datastore rows N", ylabel="decode tokens / s",
+               title="Decode throughput vs datastore size")
+        finish(fig, [ax], "scaling.png")
+
+
+def write_outputs(out: Path, report: dict) -> str:
+    table = format_markdown(report)
+    (out / "bench.md").write_text(table + "\n")
+    write_charts(out, report)
+    return table

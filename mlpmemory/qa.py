@@ -1,0 +1,702 @@
+"""`mlpmem eval-qa`: open-domain QA (exact match / token F1) of base, +MLP memory, +kNN-LM and +RAG.
+
+Why it is built this way:
+
+- **Coverage groups say what the memory could know.** A memory can only help on facts in its
+  datastore, so every question whose passage is known (the default corpus's Natural Questions,
+  or any data with ``doc_id``) is placed by the run's ``corpus/documents.jsonl``: ``in_memory``
+  (its passage lies wholly inside the datastore's train tokens), ``heldout`` (the passage's group
+  is in the held-out split: never in the datastore, no same-article leakage) or
+  ``not_in_memory`` (a train-split passage beyond the token cap). ``in_memory`` is the headline;
+  the other two show whether a gain is recall of stored facts or a general shift.
+- **Lambda is chosen on a dev split only.** Dev, few-shot and reported questions are disjoint
+  and fixed by a hash of the question (not by file order, ``qa_limit`` or the run), and dev is
+  stratified over the reported groups so it mirrors the reported mix. The default criterion is
+  the dev gold answers' log-likelihood: one scoring pass caches each component's answer-token
+  log-probs and every lambda is a numpy mix of them (``mix_logprobs``), so the whole grid costs
+  one pass, not one generation per lambda; ``qa_lambda_select=em`` generates per lambda instead.
+- **Metrics are SQuAD v1.1's** (``normalize_answer``, ``f1_score``, ``exact_match_score`` of
+  the official evaluate script, max over gold answers), so numbers compare with the literature.
+- **Accuracy and latency are measured apart.** Accuracy runs batched (``qa_batch``); latency
+  runs at batch size 1 on a few questions after a warm-up, so time to first token is per question
+  and retrieval (BM25 for RAG, FAISS search + distribution for kNN-LM) is reported on its own.
+- **Resumable and idempotent.** Predictions are appended per batch with their settings key beside
+  them; a rerun skips written ids, a changed setting restarts that system only, and a finished
+  evaluation (``qa.json`` with the same inputs and every prediction present) only prints its table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import opt
+from .errors import MLPMemError
+from .manifest import atomic_write_json, read_json, read_manifest, sha256_file, sha256_json
+
+SYSTEMS = ("base", "memory", "knn_lm", "rag")
+COVERAGE = ("in_memory", "heldout", "not_in_memory")
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+COMPONENT_KEY = {"memory": "memory", "knn_lm": "knn"}  # system -> score_continuations key
+_PUNCT = set(string.punctuation)
+_SHOT_MAX_WORDS = 5  # few-shot examples show the short-answer format, so prefer short answers
+_VERSION = 3  # in every settings key: bump when prompts, scoring or the dev criterion change
+
+
+def _csv(s) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+@dataclass
+class Options:
+    qa_data: str = opt("nq", "'nq' (the default corpus's Natural Questions, grouped by whether their passage is in "
+                             "the memory) or a path: SQuAD JSON (data/paragraphs/qas) or JSONL {question, answers"
+                             "[, id, doc_id, group]}", "eval-qa")
+    qa_name: str | None = opt(None, "results folder <run>/qa/<name> (default: 'nq' or the data file's stem)", "eval-qa")
+    qa_systems: str = opt("base,memory,knn_lm,rag", "systems to evaluate (comma-separated)", "eval-qa")
+    qa_groups: str = opt("in_memory,heldout,not_in_memory", "coverage groups reported (data without doc_id: 'all')",
+                         "eval-qa")
+    qa_limit: int = opt(1000, "reported questions per group, in file order after removing dev and few-shot", "eval-qa")
+    qa_dev: int = opt(200, "dev questions (hash-chosen, stratified over groups; at most half a group) for lambda",
+                      "eval-qa")
+    few_shot: int = opt(4, "few-shot examples in the prompt (hash-chosen, disjoint from dev and reported). 4: on 30 NQ "
+                           "dev questions (SmolLM2-135M) 0-shot left 15 answers empty or malformed, 1/4/8 none; 4 had "
+                           "the best gold log-likelihood (-15.11 vs -15.14 / -15.37)", "eval-qa")
+    qa_lambdas: str = opt("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "lambdas swept on dev", "eval-qa")
+    qa_lambda_select: str = opt("loglik", "dev criterion: 'loglik' (gold-answer log-likelihood, one scoring pass) or "
+                                          "'em' (generate on dev per lambda; ties -> smaller lambda)", "eval-qa",
+                                choices=["loglik", "em"])
+    prompt_template: str = opt(DEFAULT_TEMPLATE, "prompt of one question ({question}); few-shot examples append ' "
+                                                 "<answer>' and are joined by blank lines", "eval-qa")
+    rag_template: str | None = opt(None, "RAG prompt with {passages} and {prompt} (default: rag.rag_prompt)", "eval-qa")
+    chat: bool = opt(False, "use the tokenizer's chat template (few-shot as user/assistant turns)", "eval-qa")
+    qa_max_tokens: int = opt(16, "greedy answer length cap (stops at a newline)", "eval-qa")
+    qa_batch: int = opt(8, "questions per generation batch in the accuracy run", "eval-qa")
+    qa_nprobe: int | None = opt(None, "IVF lists probed by the kNN-LM (default: the run's --nprobe)", "eval-qa")
+    rag_n: int = opt(3, "BM25 passages placed before the prompt for RAG", "eval-qa")
+    latency_questions: int = opt(50, "questions timed one at a time per system (0: no latency table)", "eval-qa")
+
+    def validate(self) -> None:
+        bad = [s for s in self.systems() if s not in SYSTEMS]
+        if bad or not self.systems():
+            raise MLPMemError(f"--qa-systems: unknown {bad or 'empty list'}; choose from {','.join(SYSTEMS)}")
+        bad = [g for g in self.groups() if g not in COVERAGE + ("all",)]
+        if bad or not self.groups():
+            raise MLPMemError(f"--qa-groups: unknown {bad or 'empty list'}; choose from {','.join(COVERAGE)}")
+        try:
+            lams = self.lambdas()
+        except ValueError:
+            raise MLPMemError(f"--qa-lambdas must be comma-separated numbers, got {self.qa_lambdas!r}") from None
+        if not lams or any(not 0.0 <= x < 1.0 for x in lams):
+            raise MLPMemError(f"--qa-lambdas must be numbers in [0, 1), got {self.qa_lambdas!r}")
+        for name in ("qa_limit", "qa_max_tokens", "qa_batch", "rag_n"):
+            if getattr(self, name) < 1:
+                raise MLPMemError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("qa_dev", "few_shot", "latency_questions"):
+            if getattr(self, name) < 0:
+                raise MLPMemError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.qa_dev < 1 and ({"memory", "knn_lm"} & set(self.systems())):
+            raise MLPMemError("--qa-dev must be >= 1: lambda of memory / knn_lm is chosen on dev questions")
+        _check_template(self.prompt_template, {"question"}, "--prompt-template")
+        if self.rag_template is not None:
+            _check_template(self.rag_template, {"passages", "prompt"}, "--rag-template")
+        if self.qa_name is not None and not re.fullmatch(r"[\w.-]+", self.qa_name):
+            raise MLPMemError(f"--qa-name must be a plain folder name (letters, digits, _ . -), got {self.qa_name!r}")
+
+    def systems(self) -> list[str]:
+        return _csv(self.qa_systems)
+
+    def groups(self) -> list[str]:
+        return _csv(self.qa_groups)
+
+    def lambdas(self) -> list[float]:
+        return sorted({float(x) for x in _csv(self.qa_lambdas)})
+
+
+def _check_template(template: str, fields: set[str], flag: str) -> None:
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise MLPMemError(f"{flag} is not a valid format string ({e}); write literal braces as {{{{ }}}}") from None
+    if used != fields:
+        raise MLPMemError(f"{flag} must use exactly the fields {sorted(fields)}, got {sorted(used)}: {template!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: the official SQuAD v1.1 evaluate script's definitions.
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, drop punctuation, then the articles a/an/the, then collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(ground_truth)
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:  # v1.1: also when both normalise to nothing (EM is then 1, F1 0)
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_over_ground_truths(metric, prediction: str, ground_truths: list[str]) -> float:
+    return max(float(metric(prediction, g)) for g in ground_truths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: NQ of the default corpus, SQuAD JSON, JSONL; dedup; coverage groups; splits.
+# ---------------------------------------------------------------------------------------------
+
+
+def _answers(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise MLPMemError(f"{where}: 'answers' must be a string or a list of strings, got {value!r}")
+    answers = list(dict.fromkeys(a.strip() for a in value if a.strip()))
+    if not answers:
+        raise MLPMemError(f"{where}: no non-empty answer; give at least one gold answer")
+    return answers
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {n}"
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise MLPMemError(f"{where} is not valid JSON ({e}); one object per line: "
+                                  '{"question": ..., "answers": [...]}') from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
+                raise MLPMemError(f"{where} has no 'question' string; expected {{\"question\": ..., \"answers\": [...]}}")
+            if "answers" not in rec and "answer" not in rec:
+                raise MLPMemError(f"{where} has no 'answers' field (a string or a list of strings)")
+            item = {"id": str(rec.get("id", f"line{n}")), "question": rec["question"].strip(),
+                    "answers": _answers(rec.get("answers", rec.get("answer")), where)}
+            for key in ("doc_id", "group"):
+                if rec.get(key) is not None:
+                    item[key] = str(rec[key])
+            items.append(item)
+    return items
+
+
+def _load_squad(path: Path) -> list[dict]:
+    """SQuAD JSON; a paragraph's id is the default corpus's (``squad:<title>:<j>``), unanswerable skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise MLPMemError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    articles = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(articles, list):
+        raise MLPMemError(f"{path}: expected SQuAD JSON with a top-level 'data' list of articles "
+                          "(or use .jsonl with one {question, answers} object per line)")
+    items = []
+    for a, article in enumerate(articles):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs", []), list):
+            raise MLPMemError(f"{path}: data[{a}] is not an article with a 'paragraphs' list")
+        title = str(article.get("title", "")).strip() or "untitled"
+        for j, para in enumerate(article.get("paragraphs", [])):
+            if not isinstance(para, dict) or not isinstance(para.get("qas", []), list):
+                raise MLPMemError(f"{path}: data[{a}].paragraphs[{j}] is not a paragraph with a 'qas' list")
+            for k, qa in enumerate(para.get("qas", [])):
+                where = f"{path}: data[{a}].paragraphs[{j}].qas[{k}]"
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
+                    raise MLPMemError(f"{where} has no 'question' string")
+                if qa.get("is_impossible"):
+                    continue
+                raw = qa.get("answers")
+                if not isinstance(raw, list) or not all(isinstance(x, dict) and "text" in x for x in raw):
+                    raise MLPMemError(f"{where}: 'answers' must be a list of {{\"text\": ...}} objects")
+                items.append({"id": str(qa.get("id", f"{a}.{j}.{k}")), "question": qa["question"].strip(),
+                              "answers": _answers([x["text"] for x in raw], where),
+                              "doc_id": f"squad:{title}:{j}", "group": f"squad:{title}"})
+    return items
+
+
+def load_qa_file(path) -> list[dict]:
+    """Questions of a SQuAD ``.json`` or a ``.jsonl`` file: dicts with id, question, answers[, doc_id, group]."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MLPMemError(f"QA data {path} not found; pass 'nq', a SQuAD .json or a .jsonl file")
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise MLPMemError(f"QA data {path}: use a SQuAD .json or a .jsonl file (one {{question, answers}} per line)")
+    try:
+        items = _load_squad(path) if path.suffix.lower() == ".json" else _load_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise MLPMemError(f"QA data {path} is not UTF-8 (byte offset {e.start}); re-encode it") from None
+    if not items:
+        raise MLPMemError(f"QA data {path} holds no answerable question")
+    return items
+
+
+def load_data(spec: str, cache_dir=None) -> tuple[str, list[dict], str]:
+    """(default name, questions, fingerprint) of ``qa_data``."""
+    if spec == "nq":
+        from .corpus import load_nq_questions
+
+        items = [{"id": f"nq:{i}", **q} for i, q in enumerate(load_nq_questions(cache_dir))]
+        return "nq", items, sha256_json(items)
+    path = Path(spec).expanduser()
+    items = load_qa_file(path)
+    return re.sub(r"[^\w.-]", "_", path.stem) or "data", items, sha256_file(path)
+
+
+def dedupe(items: list[dict]) -> list[dict]:
+    """Identical questions (case and spacing ignored) are asked once; their gold answers are merged."""
+    seen: dict[str, dict] = {}
+    for it in items:
+        key = " ".join(it["question"].lower().split())
+        if key in seen:
+            first = seen[key]
+            first["answers"] = list(dict.fromkeys(first["answers"] + it["answers"]))
+        else:
+            seen[key] = dict(it, answers=list(it["answers"]))
+    return list(seen.values())
+
+
+def coverage_groups(items: list[dict], corpus_dir, heldout_fraction: float) -> list[str]:
+    """Per question: in_memory / heldout / not_in_memory / partial (a truncated passage), or 'all' without doc ids."""
+    from .corpus import read_document_index, split_of
+
+    if not any("doc_id" in it for it in items):
+        return ["all"] * len(items)
+    n_train = int(read_manifest(corpus_dir, "corpus")["n_tokens"]["train"])
+    wanted = {it.get("doc_id") for it in items}
+    docs = {r["doc_id"]: r for r in read_document_index(corpus_dir) if r["doc_id"] in wanted}
+    if not docs:
+        print(f"[mlpmemory] warning: no passage of this QA data is in the run's corpus ({corpus_dir}); "
+              "its questions count as heldout / not_in_memory", file=sys.stderr)
+    out = []
+    for it in items:
+        rec = docs.get(it.get("doc_id"))
+        if rec is None:  # not stored: held out by its group's split, or beyond the train cap
+            group = it.get("group")
+            out.append("heldout" if group and split_of(group, heldout_fraction) == "heldout" else "not_in_memory")
+        elif rec["split"] == "heldout":
+            out.append("heldout")
+        elif rec.get("truncated") or rec["start"] + rec["n_tokens"] > n_train:
+            out.append("partial")  # partly in the datastore: in no reported group
+        else:
+            out.append("in_memory")
+    return out
+
+
+def _hash_key(question: str) -> bytes:
+    return hashlib.sha256(b"mlpmemory-qa:" + question.encode("utf-8")).digest()
+
+
+def make_splits(items: list[dict], groups: list[str], wanted: list[str], n_dev: int, n_shots: int,
+                limit: int) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(few-shot, dev, reported per group) as indices into ``items``; disjoint and deterministic.
+
+    Questions are ranked by a hash of their text. Dev takes the first ones of each ``wanted``
+    group in that order, ``n_dev`` shared evenly across the groups present (never more than half
+    a group), so dev depends on neither the few-shot count nor ``limit``; few-shot examples are
+    the next ``n_shots`` (short answers first); the rest is reported in file order, ``limit``
+    per group.
+    """
+    order = sorted(range(len(items)), key=lambda i: _hash_key(items[i]["question"]))
+    pools = {g: [i for i in order if groups[i] == g] for g in wanted}
+    present = [g for g in wanted if pools[g]]
+    dev: list[int] = []
+    for k, g in enumerate(present):
+        quota = n_dev // len(present) + (k < n_dev % len(present))
+        dev += pools[g][:min(quota, len(pools[g]) // 2)]
+    taken = set(dev)
+    rest = [i for i in order if i not in taken]
+    short = [i for i in rest if len(items[i]["answers"][0].split()) <= _SHOT_MAX_WORDS]
+    short_set = set(short)
+    shots = (short + [i for i in rest if i not in short_set])[:n_shots]
+    taken |= set(shots)
+    reported = {g: [i for i in range(len(items)) if groups[i] == g and i not in taken][:limit] for g in wanted}
+    return shots, dev, reported
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+# ---------------------------------------------------------------------------------------------
+
+
+def passages_prompt(passages, prompt: str, rag_template: str | None) -> str:
+    if rag_template is None:
+        from .rag import rag_prompt
+
+        return rag_prompt(passages, prompt)
+    return rag_template.format(passages="\n\n".join(p.text for p in passages), prompt=prompt)
+
+
+def make_prompt(question: str, shots: list[dict], opts: Options, tokenizer=None, passages=None) -> str:
+    """The prompt of one question: few-shot examples, then the question (passages first for RAG)."""
+    if not opts.chat:
+        parts = [opts.prompt_template.format(question=s["question"]) + " " + s["answers"][0] for s in shots]
+        prompt = "\n\n".join(parts + [opts.prompt_template.format(question=question)])
+        return prompt if passages is None else passages_prompt(passages, prompt, opts.rag_template)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise MLPMemError("--chat needs a tokenizer with a chat template; this model has none (drop --chat)")
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["answers"][0]}]
+    content = question if passages is None else passages_prompt(passages, question, opts.rag_template)
+    messages.append({"role": "user", "content": content})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def continuation(prompt: str, answer: str, chat: bool) -> str:
+    """The gold answer as the model would write it after ``prompt``, with the newline that ends it in
+    the plain format: greedy EM needs the model to stop there, so the dev likelihood scores that too."""
+    if chat:
+        return answer
+    return ("" if prompt[-1:].isspace() else " ") + answer + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lambda on dev.
+# ---------------------------------------------------------------------------------------------
+
+
+def loglik_curve(scores: list[list[dict]], key: str, lambdas: list[float]) -> list[dict]:
+    """Per lambda: mean over questions of the best gold answer's total log-prob under the mixture.
+
+    ``scores[q]`` holds one :func:`generation.score_continuations` dict per gold answer of dev
+    question ``q`` (arrays "lm" and ``key``, one entry per answer token).
+    """
+    from .inference import mix_logprobs
+
+    rows = []
+    for lam in lambdas:
+        best = [max((float(np.sum(mix_logprobs(s["lm"], s[key], lam))), -len(s["lm"])) for s in answers)
+                for answers in scores]
+        ll = np.array([b[0] for b in best])
+        n_tok = -sum(b[1] for b in best)
+        rows.append({"lambda": lam, "loglik": float(ll.mean()), "nll_per_token": float(-ll.sum() / max(n_tok, 1))})
+    return rows
+
+
+def pick_lambda(curve: list[dict], metric: str) -> float:
+    """The lambda with the highest ``metric``; ties go to the smaller lambda."""
+    best = None
+    for row in sorted(curve, key=lambda r: r["lambda"]):
+        if best is None or row[metric] > best[metric]:
+            best = row
+    return best["lambda"]
+
+
+def _em_of(preds: list[str], items: list[dict]) -> float:
+    return 100.0 * float(np.mean([max_over_ground_truths(exact_match_score, p, it["answers"])
+                                  for p, it in zip(preds, items)]))
+
+
+def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: Options, chat: bool) -> dict:
+    """{system: {"lambda", "curve"}} for memory / knn_lm, from dev questions only."""
+    from .generation import generate, score_continuations
+
+    lambdas, out = opts.lambdas(), {}
+    if not comps:
+        return out
+    if opts.qa_lambda_select == "loglik":
+        pairs = [(q, p, continuation(p, a, chat)) for q, (it, p) in enumerate(zip(dev, prompts)) for a in it["answers"][:8]]
+        kw = {"memory": comps.get("memory"), "knn": comps.get("knn_lm")}
+        res = score_continuations(lm, [p for _, p, _ in pairs], [c for _, _, c in pairs], batch_size=opts.qa_batch, **kw)
+        per_q: list[list[dict]] = [[] for _ in dev]
+        for (q, _, _), r in zip(pairs, res):
+            per_q[q].append(r)
+        for system in comps:
+            curve = loglik_curve(per_q, COMPONENT_KEY[system], lambdas)
+            out[system] = {"lambda": pick_lambda(curve, "loglik"), "curve": curve}
+        return out
+    gen = dict(max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"], batch_size=opts.qa_batch)
+    base_em = _em_of([t.strip() for t in generate(lm, prompts, **gen).texts], dev) if 0.0 in lambdas else None
+    for system, comp in comps.items():
+        curve = []
+        for lam in lambdas:
+            em = base_em if lam == 0.0 else _em_of([t.strip() for t in generate(
+                lm, prompts, lam=lam, **{COMPONENT_KEY[system]: comp}, **gen).texts], dev)
+            curve.append({"lambda": lam, "em": em})
+        out[system] = {"lambda": pick_lambda(curve, "em"), "curve": curve}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions (resumable), latency, report.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """Rows written so far; a torn last line (crash mid-write) is cut off the file."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    rows = {}
+    for line in keep.decode("utf-8").splitlines():
+        row = json.loads(line)
+        rows[row["id"]] = row
+    return rows
+
+
+def _score_row(it: dict, group: str, prediction: str, **extra) -> dict:
+    return {"id": it["id"], "question": it["question"], "answers": it["answers"], "group": group,
+            "prediction": prediction, "em": max_over_ground_truths(exact_match_score, prediction, it["answers"]),
+            "f1": max_over_ground_truths(f1_score, prediction, it["answers"]), **extra}
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _start_file(out: Path, system: str, key: str) -> Path:
+    """The system's predictions file; restarted when it was written with other settings."""
+    path, meta = out / f"predictions.{system}.jsonl", out / f"predictions.{system}.json"
+    if path.exists() and (not meta.exists() or read_json(meta).get("key") != key):
+        print(f"[mlpmemory] qa {system}: settings changed since {path.name} was written; starting it again",
+              file=sys.stderr)
+        path.unlink()
+    if not meta.exists() or read_json(meta).get("key") != key:
+        atomic_write_json(meta, {"key": key, "system": system})
+    return path
+
+
+def _percentiles(x: list[float]) -> dict:
+    a = np.asarray(x, dtype=np.float64) * 1000.0
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
+
+
+def group_metrics(rows: list[dict]) -> dict:
+    if not rows:
+        return {"n": 0, "em": None, "f1": None}
+    return {"n": len(rows), "em": 100.0 * float(np.mean([r["em"] for r in rows])),
+            "f1": 100.0 * float(np.mean([r["f1"] for r in rows]))}
+
+
+def format_table(result: dict) -> str:
+    cols = result["groups"] + (["overall"] if len(result["groups"]) > 1 else [])
+    systems = result["systems"]
+    sel = result["lambda_selection"]
+    lines = [f"QA on {result['data']['name']}: EM / F1 (%), greedy, {result['settings']['few_shot']}-shot; lambda "
+             f"chosen on {sel['n_dev']} dev questions by {sel['method']}", "",
+             "| system | lambda | " + " | ".join(f"{c} (n={systems[next(iter(systems))][c]['n']})" for c in cols)
+             + f" | EM vs base ({cols[0]}) |", "|---|---|" + "---|" * (len(cols) + 1)]
+    for name in result["system_order"]:
+        s = systems[name]
+        cells = ["-" if s[c]["em"] is None else f"{s[c]['em']:.1f} / {s[c]['f1']:.1f}" for c in cols]
+        d = s.get("em_vs_base", {}).get(cols[0])
+        rel = "" if not d or name == "base" else f"{d['points']:+.1f} pts" + (
+            f" ({d['relative'] * 100:+.1f}%)" if d["relative"] is not None else "")
+        lam = "" if s.get("lambda") is None else f"{s['lambda']:g}"
+        lines.append(f"| {name} | {lam} | " + " | ".join(cells) + f" | {rel} |")
+    lat = result.get("latency") or {}
+    if lat:
+        lines += ["", f"Latency at batch size 1 ({next(iter(lat.values()))['n']} questions, ms):", "",
+                  "| system | TTFT mean | TTFT p50 | TTFT p95 | tokens/s | retrieval / question | memory / question |",
+                  "|---|---|---|---|---|---|---|"]
+        for name in [n for n in result["system_order"] if n in lat]:
+            m = lat[name]
+            ret = "" if m.get("retrieval_ms") is None else f"{m['retrieval_ms']:.1f}"
+            mem = "" if m.get("memory_ms") is None else f"{m['memory_ms']:.1f}"
+            lines.append(f"| {name} | {m['ttft_ms']['mean']:.1f} | {m['ttft_ms']['p50']:.1f} | {m['ttft_ms']['p95']:.1f}"
+                         f" | {m['tokens_per_s']:.1f} | {ret} | {mem} |")
+    return "\n".join(lines)
+
+
+def _component_fingerprints(run, systems: list[str], nprobe) -> dict:
+    from .evaluate import memory_dir_fingerprint
+
+    ds = read_manifest(run.path("datastore"), "datastore")
+    fps = {"model": run.cfg.model, "dtype": run.cfg.dtype, "model_fingerprint": ds.get("model_fingerprint"),
+           "datastore": sha256_json(ds)}
+    if "memory" in systems:
+        fps["memory"] = memory_dir_fingerprint(run.path("memory"))
+    if "knn_lm" in systems:
+        tg = read_manifest(run.path("targets"), "targets")
+        fps["knn"] = sha256_json({"index": read_manifest(run.path("index"), "index"), "k": tg.get("k"),
+                                  "T": tg.get("temperature"), "nprobe": nprobe})
+    return fps
+
+
+def main(run, opts: Options) -> None:
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    opts.validate()
+    systems = [s for s in SYSTEMS if s in opts.systems()]
+    default_name, raw, data_fp = load_data(opts.qa_data, run.cfg.cache_dir)
+    items = dedupe(raw)
+    groups = coverage_groups(items, run.path("corpus"), run.cfg.heldout_fraction)
+    wanted = ["all"] if groups[:1] == ["all"] else [g for g in opts.groups() if g != "all"]
+    shots_i, dev_i, reported_i = make_splits(items, groups, wanted, opts.qa_dev, opts.few_shot, opts.qa_limit)
+    shots, dev = [items[i] for i in shots_i], [items[i] for i in dev_i]
+    report = [(items[i], g) for g in wanted for i in reported_i[g]]
+    if not report:
+        raise MLPMemError(f"no question left to report in groups {wanted} (sizes: {dict(Counter(groups))}); "
+                          "lower --qa-dev / --few-shot or choose other --qa-groups")
+    out = run.dir / "qa" / (opts.qa_name or default_name)
+    out.mkdir(parents=True, exist_ok=True)
+    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.nprobe
+    fps = _component_fingerprints(run, systems, nprobe)
+    prompt_settings = {k: getattr(opts, k) for k in ("few_shot", "prompt_template", "chat", "qa_dev", "qa_groups")}
+    common = {"version": _VERSION, "data": data_fp, "fingerprints": fps, "prompt": prompt_settings,
+              "shots": [s["id"] for s in shots]}
+    dev_key = sha256_json({**common, "dev": [it["id"] for it in dev], "lambdas": opts.lambdas(),
+                           "select": opts.qa_lambda_select,
+                           "max_tokens": opts.qa_max_tokens if opts.qa_lambda_select == "em" else None})
+    key = sha256_json({**common, "settings": asdict(opts), "reported": [it["id"] for it, _ in report]})
+    ids = {it["id"] for it, _ in report}
+    qa_json = out / "qa.json"
+    if qa_json.exists() and read_json(qa_json).get("inputs") == key and all(
+            ids <= set(read_predictions(out / f"predictions.{s}.jsonl")) for s in systems):
+        print(format_table(read_json(qa_json)))
+        print(f"\nqa: already complete ({qa_json})")
+        return
+
+    from .generation import StageTimer, generate, load_knn, load_memory
+
+    lm = run.lm
+    comps = {}
+    if "memory" in systems:
+        comps["memory"] = load_memory(run)
+    if "knn_lm" in systems:
+        comps["knn_lm"] = load_knn(run, nprobe=nprobe)
+    retriever = None
+    if "rag" in systems:
+        from .rag import BM25Retriever
+
+        retriever = BM25Retriever.build_or_load(run)
+
+    # Lambdas: dev only, cached in dev.json under the settings that produced them.
+    dev_path = out / "dev.json"
+    dev_res = read_json(dev_path) if dev_path.exists() else {}
+    if dev_res.get("key") != dev_key or set(comps) - set(dev_res.get("systems", {})):
+        t = time.perf_counter()
+        chosen = choose_lambdas(lm, dev, [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in dev],
+                                comps, opts, opts.chat)
+        dev_res = {"key": dev_key, "method": opts.qa_lambda_select, "n_dev": len(dev), "dev_ids": [it["id"] for it in dev],
+                   "systems": chosen, "seconds": round(time.perf_counter() - t, 2)}
+        atomic_write_json(dev_path, dev_res)
+    lam = {s: dev_res["systems"][s]["lambda"] for s in comps}
+
+    def gen_kwargs(system: str) -> dict:
+        if system in comps:
+            return {COMPONENT_KEY[system]: comps[system], "lam": lam[system]}
+        return {}
+
+    def prompts_for(batch: list[dict], system: str) -> tuple[list[str], list, float]:
+        if system != "rag":
+            return [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in batch], [None] * len(batch), 0.0
+        t = time.perf_counter()
+        found = retriever.retrieve([it["question"] for it in batch], opts.rag_n)
+        sec = time.perf_counter() - t
+        return [make_prompt(it["question"], shots, opts, lm.tokenizer, passages=p) for it, p in zip(batch, found)], found, sec
+
+    # Accuracy: batched, appended per batch, resumable.
+    rows_by_system = {}
+    for system in systems:
+        pkey = sha256_json({**common, "system": system, "lambda": lam.get(system), "max_tokens": opts.qa_max_tokens,
+                            "rag": [opts.rag_n, opts.rag_template] if system == "rag" else None})
+        path = _start_file(out, system, pkey)
+        done = read_predictions(path)
+        todo = [(it, g) for it, g in report if it["id"] not in done]
+        bar = tqdm(total=len(report), initial=len(report) - len(todo), desc=f"qa {system}", unit="q", file=sys.stderr)
+        for b in range(0, len(todo), opts.qa_batch):
+            batch = todo[b:b + opts.qa_batch]
+            prompts, found, _ = prompts_for([it for it, _ in batch], system)
+            texts = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"],
+                             batch_size=opts.qa_batch, **gen_kwargs(system)).texts
+            rows = [_score_row(it, g, t.strip(), **({"passages": [p.doc_id for p in f]} if f else {}))
+                    for (it, g), t, f in zip(batch, texts, found)]
+            _append(path, rows)
+            done.update((r["id"], r) for r in rows)
+            bar.update(len(batch))
+        bar.close()
+        rows_by_system[system] = [done[it["id"]] for it, _ in report]
+
+    # Latency: batch size 1, after a warm-up, on the first reported questions.
+    latency = {}
+    lat_items = [it for it, _ in report][:opts.latency_questions]
+    for system in systems if lat_items else []:
+        prompts, _, _ = prompts_for(lat_items[:1], system)
+        generate(lm, prompts, max_new_tokens=2, batch_size=1, **gen_kwargs(system))  # warm-up
+        retrieval = []
+        prompts = []
+        for it in lat_items:
+            p, _, sec = prompts_for([it], system)
+            prompts += p
+            retrieval.append(sec)
+        timer = StageTimer(lm.device)
+        g = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"], batch_size=1, timer=timer,
+                     **gen_kwargs(system))
+        n = len(lat_items)
+        totals = dict(timer.totals)
+        m = {"n": n, "ttft_ms": _percentiles(g.ttft_s), "tokens_per_s": g.new_tokens / max(g.seconds, 1e-9),
+             "new_tokens": g.new_tokens, "seconds": g.seconds, "stage_seconds": totals,
+             "retrieval_ms": None, "memory_ms": None}
+        if system == "rag":
+            m["retrieval_ms"] = 1000.0 * sum(retrieval) / n
+            m["ttft_with_retrieval_ms"] = _percentiles([a + b for a, b in zip(g.ttft_s, retrieval)])
+        elif system == "knn_lm":
+            m["retrieval_ms"] = 1000.0 * (totals.get("search", 0.0) + totals.get("distribution", 0.0)) / n
+        elif system == "memory":
+            m["memory_ms"] = 1000.0 * totals.get("memory_forward", 0.0) / n
+        latency[system] = m
+
+    # Report.
+    cols = wanted + (["overall"] if len(wanted) > 1 else [])
+    result_systems = {}
+    for system in systems:
+        rows = rows_by_system[system]
+        s = {c: group_metrics([r for r in rows if c == "overall" or r["group"] == c]) for c in cols}
+        s["lambda"] = lam.get(system)
+        result_systems[system] = s
+    if "base" in result_systems:
+        base = result_systems["base"]
+        for s in result_systems.values():
+            s["em_vs_base"] = {c: None if s[c]["em"] is None else {
+                "points": s[c]["em"] - base[c]["em"],
+                "relative": (s[c]["em"] / base[c]["em"] - 1) if base[c]["em"] else None} for c in cols}
+    fps["lm_fingerprint"] = lm.fingerprint
+    if retriever is not None and (run.dir / "rag_bm25" / "manifest.json").exists():
+        fps["bm25"] = sha256_json(read_json(run.dir / "rag_bm25" / "manifest.json"))
+    result = {
+        "data": {"name": out.name, "spec": opts.qa_data, "fingerprint": data_fp, "n_questions": len(raw),
+                 "n_unique": len(items), "group_sizes": dict(Counter(groups))},
+        "groups": wanted, "headline": wanted[0],
+        "splits": {"few_shot_ids": [s["id"] for s in shots], "n_dev": len(dev),
+                   "dev_by_group": dict(Counter(groups[i] for i in dev_i)),
+                   "reported": {g: len(reported_i[g]) for g in wanted}},
+        "systems": result_systems, "system_order": systems,
+        "lambda_selection": {"method": opts.qa_lambda_select, "n_dev": len(dev), "chosen": lam, "curves": "dev.json"},
+        "latency": latency, "settings": asdict(opts), "fingerprints": fps, "inputs": key,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    atomic_write_json(qa_json, result)
+    print(format_table(result))
+    print(f"\nqa: {qa_json}")

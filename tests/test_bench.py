@@ -1,0 +1,114 @@
+"""`mlpmem bench` end to end on a tiny run, the FLOP model against a hand count, the stage split,
+the prefix-index cache and the percentiles (no wall-clock assertions)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_text
+from mlpmemory import bench
+from mlpmemory.cli import main
+
+TINY = ["--bench-prompts", "2", "--bench-prompt-tokens", "12", "--bench-decode-tokens", "4", "--bench-repeats", "2",
+        "--bench-k", "16", "--bench-nprobe", "4", "--bench-rag-n", "2", "--bench-sizes", "300,1000000",
+        "--bench-threads", "1"]  # one thread: the CI box is shared, and spinning OpenMP threads crawl
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("bench")
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": synthetic_text(60, seed=i), "title": f"doc{i}"}) + "\n")
+    run = root / "run"
+    assert main(["run", "--run-dir", str(run), "--model", str(tiny_llama.path), "--corpus", str(root / "docs.jsonl"),
+                 "--dtype", "float32", "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4",
+                 "--tune-tokens", "128", "--heldout-fraction", "0.3", "--k", "8", "--memory-preset", "tiny"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def benched(tiny_run):
+    assert main(["bench", "--run-dir", str(tiny_run), *TINY]) == 0
+    return json.loads((tiny_run / "bench" / "bench.json").read_text())
+
+
+def test_bench_end_to_end(tiny_run, benched):
+    out = tiny_run / "bench"
+    for name in ("bench.md", "throughput.png", "stage_split.png", "scaling.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert benched["order"] == list(bench.SYSTEMS) and set(benched["systems"]) == set(bench.SYSTEMS)
+    rows = json.loads((tiny_run / "datastore" / "manifest.json").read_text())["n"]
+    assert benched["scaling"]["sizes"] == [300, rows]  # 1,000,000 capped at the datastore's rows
+    for pt in benched["scaling"]["points"]:
+        assert set(pt["systems"]) == {"base", "memory", "knn_exact", "knn_ivfpq"}
+        assert pt["systems"]["knn_exact"]["index"]["n"] == pt["n"]
+        assert all(s[f"batch_{b}"]["tokens_per_s"] > 0 for s in pt["systems"].values() for b in (1, 8))
+    for name, r in benched["systems"].items():
+        d = r["decode"]
+        assert d["repeats"] == 2 and len(d["runs"]) == 2
+        assert all(len(run["step_ms"]) == 2 * 3 and len(run["ttft_ms"]) == 2 for run in d["runs"])  # 2 prompts x 3 steps
+        assert d["latency_ms_p50"] <= d["latency_ms_p95"]
+        assert r["prefill"]["batch_1"]["runs"][0]["tokens"] == 2 * 12
+        assert r["prefill"]["batch_8"]["runs"][0]["tokens"] == 8 * 12  # 2 prompts cycled to a full batch
+        assert r["memory"]["peak_rss_mb"] > 0
+    # each system really ran its own machinery
+    assert "memory_forward" in benched["systems"]["memory"]["decode"]["stage_s_per_token"]
+    for k in ("knn_exact", "knn_ivfpq"):
+        assert {"search", "distribution", "mixing"} <= set(benched["systems"][k]["decode"]["stage_s_per_token"])
+    assert "retrieval" in benched["systems"]["rag"]["prefill"]["batch_1"]["stage_s_per_token"]
+    assert "memory_forward" not in benched["systems"]["base"]["decode"]["stage_s_per_token"]
+    assert benched["systems"]["knn_ivfpq"]["index"]["factory"].startswith("IVF")
+    om = benched["overhead_model"]
+    assert set(om) == {"prefill_batch_1", "prefill_batch_8", "decode"}
+    assert all(row["predicted_overhead"] > 0 for row in om.values())
+    md = (out / "bench.md").read_text()
+    assert all(label in md for label in bench.LABELS.values()) and "predicted overhead" in md
+    assert benched["machine"]["torch_threads"] >= 1 and benched["machine"]["cores"] >= 1
+
+
+def test_stage_split_sums_to_at_most_total(benched):
+    for r in benched["systems"].values():
+        for block in (r["prefill"]["batch_1"], r["prefill"]["batch_8"], r["decode"]):
+            for run in block["runs"]:
+                st = run["stages"]
+                sections = sum(v for k, v in st.items() if k not in ("base_forward", "total"))
+                assert sections <= st["total"] + 1e-9  # timed sections are nested inside the total
+                assert st["base_forward"] >= -1e-9
+                assert abs(st["base_forward"] + sections - st["total"]) < 1e-9
+
+
+def test_index_cache_reused(tiny_run, benched):
+    files = sorted((tiny_run / "bench" / "indexes").rglob("index.faiss"))
+    assert len(files) == 4  # Flat + IVF-PQ at N = 300 and N = all rows
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    assert main(["bench", "--run-dir", str(tiny_run), *TINY[:-2], "--bench-sizes", "300",
+                 "--bench-systems", "knn_exact,knn_ivfpq", "--bench-repeats", "1"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+
+def test_flops_hand_count(tiny_llama):
+    # tiny llama: d=32, 3 layers, 4 heads (head_dim 8), 2 KV heads, FFN 64, tied head, vocab V
+    v, d, layers = len(tiny_llama.tokenizer), 32, 3
+    per_layer = d * d + 2 * d * 16 + d * d + 3 * d * 64 + 2 * d  # q, k+v (2 KV heads x 8), o, SwiGLU, 2 RMSNorms
+    non_emb = layers * per_layer + d  # + final norm
+    ctx = 10.5
+    got = bench.base_flops_per_token(tiny_llama.model, ctx)
+    assert got["non_embedding_params"] == non_emb
+    assert got["total"] == pytest.approx(2 * non_emb + 4 * layers * ctx * 4 * 8 + 2 * d * v)
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        xs = rng.exponential(size=n)
+        for q in (0, 5, 50, 95, 100):
+            assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_bad_options(tiny_run, capsys):
+    assert main(["bench", "--run-dir", str(tiny_run), "--bench-systems", "base,warp"]) == 2
+    assert "warp" in capsys.readouterr().err
+    assert main(["bench", "--run-dir", str(tiny_run), "--bench-prompt-tokens", "100000"]) == 2
+    assert "--bench-prompt-tokens" in capsys.readouterr().err
