@@ -18,6 +18,9 @@ Why it looks like this:
   ``KL(p || q) = sum_{i in S} p_i (log p_i - log q_i)`` needs ``log q`` only at the target's ids, so
   :func:`sparse_kl` / :func:`memory_loss` never build a dense |V| target (the public code does, in a
   Python loop). One logsumexp per row serves both KL and cross-entropy, in float32.
+  Training uses :func:`fused_memory_loss`, the same objective with the head matmul fused in and
+  the gradient of the logits formed in the forward, in cache-sized row chunks (1.65x faster on
+  CPU; see the comment above it). :func:`memory_loss` stays as the plain reference.
 - **Safe, checked checkpoints.** ``config.json`` + ``model.safetensors`` (no pickle), written via
   temp files + rename; the config is also stored in the safetensors metadata so a config and
   weights from different saves are detected. Loading next to a base LM refuses a base or tokenizer
@@ -373,3 +376,107 @@ def memory_loss(logits, offsets, token_ids, probs, next_token, alpha: float = 0.
     ce = lse - logits32.gather(1, target).squeeze(1)
     kl_mean, ce_mean = kl.mean(), ce.mean()
     return alpha * kl_mean + (1.0 - alpha) * ce_mean, kl_mean.detach(), ce_mean.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The head and the loss, fused: what training spends its time on.
+# ---------------------------------------------------------------------------------------------
+# Profiling one quick-preset step (B=1024 rows, V=49152, 2 CPU cores, bf16 autocast) through
+# ``memory_loss`` showed ~45% of the time in matmuls and the rest in elementwise passes over the
+# (B, V) logits: a float32 copy, logsumexp and its backward (sub, exp), two dense zero-filled
+# (B, V) gradients from the gathers, the float32 -> bf16 cast of the gradient. The fused version
+# runs the one big head matmul, then, in row chunks small enough to stay in cache, computes the
+# float32 log-softmax statistics, the loss and *the gradient of the logits* (the loss is a scalar,
+# so dL/dlogits is known in the forward: softmax scaled per row minus the sparse targets), and
+# writes that gradient over the logits buffer in the compute dtype. Backward is two matmuls.
+# Nothing of size (B, V) is ever float32 (or zero-filled), and the logits are never recomputed.
+
+# float32 scratch per chunk. CPU: ~40 rows of a 49k vocabulary, well inside a shared L3; measured
+# on 2 cores (quick preset) 2 MB / 8 MB / 16 MB chunks ran 0.84 / 0.83 / 0.88 s per step, and
+# fewer, larger chunks mean fewer thread-pool rounds, which hurt most on a busy machine.
+_CHUNK_BYTES = {"cpu": 8 << 20}
+_DEFAULT_CHUNK_BYTES = 256 << 20  # accelerators: big chunks, few kernel launches
+
+
+def _chunk_rows(device: torch.device, vocab: int, chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    return max(1, _CHUNK_BYTES.get(device.type, _DEFAULT_CHUNK_BYTES) // (4 * vocab))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, offsets, token_ids, probs, next_token, alpha, chunk_rows, compute_dtype):
+        device = hidden.device
+        b, v = hidden.shape[0], weight.shape[0]
+        if offsets.shape[0] != b + 1 or token_ids.shape != probs.shape:
+            raise ValueError(f"CSR shapes do not fit: hidden {tuple(hidden.shape)}, offsets {tuple(offsets.shape)}, "
+                             f"token_ids {tuple(token_ids.shape)}, probs {tuple(probs.shape)}")
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device.type, enabled=False):
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            buf = h @ w.t()  # (B, V) logits in the compute dtype; becomes dL/dlogits below
+            offsets_host = offsets.to("cpu", torch.long)
+            token_ids = token_ids.to(device=device, dtype=torch.long)
+            probs = probs.to(device=device, dtype=torch.float32)
+            next_token = next_token.to(device=device, dtype=torch.long)
+            rows = _rows(offsets.to(device=device, dtype=torch.long), token_ids.shape[0])
+            p_sum = torch.zeros(b, device=device).index_add_(0, rows, probs)  # 1, or 0 for an empty row
+            kl = torch.zeros(b, device=device).index_add_(0, rows, torch.xlogy(probs, probs))  # sum p log p
+            ce = torch.empty(b, device=device)
+            c = _chunk_rows(device, v, chunk_rows)
+            for s in range(0, b, c):
+                e = min(b, s + c)
+                lo, hi = int(offsets_host[s]), int(offsets_host[e])
+                r, t, p = rows[lo:hi] - s, token_ids[lo:hi], probs[lo:hi]
+                x = buf[s:e].float()
+                at_targets = x[r, t]
+                at_next = x.gather(1, next_token[s:e, None])[:, 0]
+                m = x.amax(1)
+                x.sub_(m[:, None]).exp_()
+                total = x.sum(1)
+                lse = m + total.log()
+                kl[s:e].index_add_(0, r, -p * (at_targets - lse[r]))
+                ce[s:e] = lse - at_next
+                if need_grad:
+                    # d/dlogit_j of alpha*KL_row/B + (1-alpha)*CE_row/B:
+                    #   softmax_j * (alpha * sum(p) + 1 - alpha) / B - alpha * p_j / B - (1-alpha) * [j = next] / B
+                    x.mul_(((alpha * p_sum[s:e] + (1.0 - alpha)) / (b * total))[:, None])
+                    x.index_put_((r, t), p * (-alpha / b), accumulate=True)
+                    x.index_put_((torch.arange(e - s, device=device), next_token[s:e]),
+                                 torch.full((e - s,), -(1.0 - alpha) / b, device=device), accumulate=True)
+                    buf[s:e] = x
+        kl_mean, ce_mean = kl.mean(), ce.mean()
+        loss = alpha * kl_mean + (1.0 - alpha) * ce_mean
+        if need_grad:
+            ctx.save_for_backward(buf, h, w)
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(kl_mean, ce_mean)
+        return loss, kl_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad, h, w = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            scale = grad_loss.to(torch.float32)
+            grad_h = grad_w = None
+            if ctx.needs_input_grad[0]:
+                grad_h = (grad @ w).to(ctx.dtypes[0]).mul_(scale)
+            if ctx.needs_input_grad[1]:
+                # scaled on the small (B, d) side: no extra pass over the (V, d) gradient
+                grad_w = (grad.t() @ (h * scale.to(h.dtype))).to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def fused_memory_loss(hidden, weight, offsets, token_ids, probs, next_token, alpha: float = 0.4, *,
+                      compute_dtype: torch.dtype | None = None, chunk_rows: int | None = None):
+    """:func:`memory_loss` of ``logits = hidden @ weight.T``, without building float32 logits.
+
+    ``hidden``: (B, d) head inputs (the memory's ``hidden_forward``), ``weight``: (V, d) head
+    weight. The head matmuls run in ``compute_dtype`` (default: ``hidden``'s dtype; bf16 under
+    autocast); the log-softmax and the loss in float32, ``chunk_rows`` rows at a time (default:
+    sized to the device's cache). Returns ``(loss, kl_mean, ce_mean)`` like :func:`memory_loss`,
+    with the same value and gradients (w.r.t. ``hidden`` and ``weight``) up to rounding.
+    """
+    dt = compute_dtype or hidden.dtype
+    return _FusedHeadLoss.apply(hidden, weight, offsets, token_ids, probs, next_token, float(alpha), chunk_rows, dt)

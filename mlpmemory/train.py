@@ -13,11 +13,18 @@ Why it looks like this:
   with the same weights as an uninterrupted one. A non-finite loss stops training with the last
   good checkpoint intact.
 - Validation: a fixed random slice of datastore rows never trained on, for the loss curve.
+- Speed: the head and the loss run fused (:func:`mlpmemory.memory.fused_memory_loss`: one bf16
+  head matmul, float32 log-softmax in cache-sized row chunks, dL/dlogits written in the forward),
+  and AdamW runs fused where torch has that kernel. At the quick preset's sizes (2 CPU cores,
+  38.9M params, batch 1024, 20 steps) this took training from ~695 to ~1150 rows/s, i.e. from
+  ~40% to ~67% of the measured bf16 matmul peak; most of what remains is the matmuls. The
+  manifest records rows/s and the fraction of the matmul peak of every session.
+- Snapshots (``snapshots=(0.25, 0.5)``): the weights at fractions of training, each with its
+  validation loss, for loss/perplexity-vs-training-tokens curves without retraining.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -148,6 +155,49 @@ class OnlineInputs:
         return out
 
 
+def training_fingerprint(settings: TrainSettings, memory_config, targets, identity: dict | None = None) -> str:
+    """What a trained memory depends on: settings, memory config, the targets' settings, ``identity``
+    (e.g. the datastore's fingerprint). Equal fingerprints = the same training, bit for bit."""
+    return sha256_json({"settings": asdict(settings), "memory_config": memory_config.to_dict(),
+                        "targets": targets.manifest.get("settings"), **(identity or {})})
+
+
+def snapshot_steps(fractions, total: int) -> list[int]:
+    """Global steps at which ``fractions`` (0 < f <= 1) of ``total`` steps are done (deduplicated)."""
+    steps = []
+    for f in fractions or ():
+        if not 0.0 < float(f) <= 1.0:
+            raise MLPMemError(f"snapshot fractions must be within (0, 1], got {f}")
+        steps.append(max(1, min(total, int(round(float(f) * total)))))
+    return sorted(set(steps))
+
+
+def snapshot_dir(out_dir, step: int) -> Path:
+    return Path(out_dir) / "snapshots" / f"step_{step:07d}"
+
+
+def _make_optimizer(memory, s: TrainSettings, device: torch.device):
+    decay, no_decay = [], []
+    for _, p in memory.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel: one pass over the parameters instead of ~10 (60 ms of a 1 s CPU step).
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), **fused)
+
+
+def _step_loss(memory, x, offsets, ids, probs, nxt, alpha: float, device, amp):
+    """The training objective of one batch, head and loss fused (no (B, V) float32 tensor)."""
+    from .memory import fused_memory_loss
+
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        hidden = memory.hidden_forward(x)
+    weight = memory.lm_head.weight
+    return fused_memory_loss(hidden, weight, torch.from_numpy(offsets), torch.from_numpy(ids).to(device),
+                             torch.from_numpy(probs).to(device), torch.from_numpy(nxt.astype(np.int64)).to(device),
+                             alpha=alpha, compute_dtype=amp or weight.dtype)
+
+
 def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
     tmp = out / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -189,15 +239,16 @@ def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
 
 def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, settings: TrainSettings, *,
                  inputs=None, device: torch.device | str = "cpu", progress: bool = True,
-                 identity: dict | None = None, stop_after_steps: int | None = None) -> dict:
+                 identity: dict | None = None, stop_after_steps: int | None = None, snapshots=()) -> dict:
     """Train ``memory`` on (datastore inputs, kNN targets); save it to ``out_dir``; return its manifest.
 
     Re-running a finished training with the same settings is a no-op; an interrupted one resumes
     from its last checkpoint. ``stop_after_steps`` ends the process early, as a kill would (tests).
+    ``snapshots``: fractions of the training (e.g. ``(0.25, 0.5)``) after which the weights are
+    saved to ``out_dir/snapshots/step_<n>/`` (a loadable memory) with their validation loss; the
+    manifest lists them under ``"snapshots"``. They do not change the training or its fingerprint.
     """
     from tqdm.auto import tqdm
-
-    from .memory import memory_loss
 
     out = Path(out_dir)
     device = torch.device(device)
@@ -206,8 +257,7 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
         raise MLPMemError(f"--alpha must be within [0, 1], got {s.alpha}")
     if len(targets) != datastore.n:
         raise MLPMemError(f"targets have {len(targets)} rows but the datastore has {datastore.n}; rebuild the targets")
-    fingerprint = sha256_json({"settings": asdict(s), "memory_config": memory.config.to_dict(),
-                               "targets": targets.manifest.get("settings"), **(identity or {})})
+    fingerprint = training_fingerprint(s, memory.config, targets, identity)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         found = read_json(manifest_path)
@@ -219,14 +269,11 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
         raise MLPMemError("the datastore is too small to train on")
     batch = min(s.batch_rows, len(train_rows))
     total = max(1, int(math.ceil(s.epochs * (len(train_rows) // batch or 1))))
+    snap_steps = snapshot_steps(snapshots, total)
 
     torch.manual_seed(s.seed)
     memory.to(device).train()
-    decay, no_decay = [], []
-    for name, p in memory.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    optimizer = _make_optimizer(memory, s, device)
     state = {"step": 0, "fingerprint": fingerprint, "log": []}
     out.mkdir(parents=True, exist_ok=True)
     loaded = _load_checkpoint(out, memory, optimizer)
@@ -235,6 +282,8 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     elif loaded is not None:
         raise MLPMemError(f"{out} holds a checkpoint of a different training run (other settings); "
                           "delete it or choose another output directory")
+    if loaded is None:  # a fresh start: snapshots of an earlier, other training are stale
+        shutil.rmtree(out / "snapshots", ignore_errors=True)
     amp = autocast_dtype(s.autocast, device)
     vocab_params = memory.config.vocab_size * memory.config.hidden_size
     flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
@@ -252,11 +301,7 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
             x = inputs(rows).to(device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, total, s)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = memory(x)
-            loss, kl, ce = memory_loss(logits, torch.from_numpy(offsets).to(device), torch.from_numpy(ids).to(device),
-                                       torch.from_numpy(probs).to(device), torch.from_numpy(nxt.astype(np.int64)).to(device),
-                                       alpha=s.alpha)
+            loss, kl, ce = _step_loss(memory, x, offsets, ids, probs, nxt, s.alpha, device, amp)
             if not torch.isfinite(loss):
                 raise MLPMemError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
                                   f"(step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in {out / CHECKPOINT}; "
@@ -273,7 +318,14 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
             bar.set_postfix(loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}", ce=f"{last['ce']:.3f}",
                             tok_s=f"{last['rows_per_s']:.0f}", refresh=False)
             bar.update(1)
-            if state["step"] % s.checkpoint_every == 0 or state["step"] == total:
+            if state["step"] in snap_steps:  # before the checkpoint: a crash in between redoes this step
+                tick = time.perf_counter()
+                snap = {"step": state["step"], "rows_seen": state["step"] * batch,
+                        "validation": evaluate_loss(memory, inputs, targets, val_rows, s.alpha, device, amp)}
+                memory.save_pretrained(snapshot_dir(out, state["step"]))
+                state["snapshots"] = [x for x in state.get("snapshots", []) if x["step"] != snap["step"]] + [snap]
+                t0 += time.perf_counter() - tick  # keep rows/s about training only
+            if state["step"] % s.checkpoint_every == 0 or state["step"] == total or state["step"] in snap_steps:
                 state["log"].append(last)
                 _save_checkpoint(out, memory, optimizer, state)
     finally:
@@ -290,7 +342,9 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
         "rows_per_s_this_session": rows_per_s, "flops_per_row": flops_per_row,
         "achieved_flops_per_s": flops_per_row * rows_per_s if rows_per_s else None,
         "matmul_peak_flops_per_s": peak, "autocast": str(amp).replace("torch.", "") if amp else "off",
-        "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"], **(identity or {}),
+        "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"],
+        "snapshots": [{**x, "dir": str(snapshot_dir(out, x["step"]).relative_to(out))} for x in state.get("snapshots", [])],
+        **(identity or {}),
     })
     # The checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run.
     shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
@@ -299,18 +353,13 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
 
 @torch.no_grad()
 def evaluate_loss(memory, inputs, targets, rows: np.ndarray, alpha: float, device, amp, batch: int = 1024) -> dict:
-    from .memory import memory_loss
-
+    device = torch.device(device)
     memory.eval()
     tot = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
     for i in range(0, len(rows), batch):
         r = rows[i:i + batch]
         offsets, ids, probs, nxt = targets.get(r)
-        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-            logits = memory(inputs(r).to(device))
-        loss, kl, ce = memory_loss(logits, torch.from_numpy(offsets).to(device), torch.from_numpy(ids).to(device),
-                                   torch.from_numpy(probs).to(device), torch.from_numpy(nxt.astype(np.int64)).to(device),
-                                   alpha=alpha)
+        loss, kl, ce = _step_loss(memory, inputs(r).to(device), offsets, ids, probs, nxt, alpha, device, amp)
         for k, v in (("loss", loss), ("kl", kl), ("ce", ce)):
             tot[k] += v.item() * len(r)
     memory.train()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from mlpmemory.capture import resolve_site
 from mlpmemory.errors import MLPMemError
 from mlpmemory.memory import (PRESETS, GeluMLP, MLPMemory, MLPMemoryConfig, RMSNorm, SwiGLU, build_memory,
-                              count_parameters, detect_family, memory_config_for, memory_loss, sparse_kl)
+                              count_parameters, detect_family, fused_memory_loss, memory_config_for, memory_loss,
+                              sparse_kl)
 
 
 def random_csr(b, v, seed, with_zero=True, max_len=None):
@@ -79,6 +80,72 @@ def test_memory_loss_mixes_kl_and_cross_entropy():
     torch.testing.assert_close((kl0, ce0), (kl, ce))
     assert not kl1.requires_grad and loss1.requires_grad
     torch.testing.assert_close(torch.autograd.grad(loss0, logits)[0], torch.autograd.grad(ce, logits)[0])
+
+
+def without_row(offsets, ids, probs, row):
+    """The same CSR targets with ``row`` emptied (no neighbour found)."""
+    a, b = int(offsets[row]), int(offsets[row + 1])
+    offsets = offsets.clone()
+    offsets[row + 1:] -= b - a
+    return offsets, torch.cat([ids[:a], ids[b:]]), torch.cat([probs[:a], probs[b:]])
+
+
+def fused_case(b, d, v, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    offsets, ids, probs = without_row(*random_csr(b, v, seed=seed), row=3)  # row 1: a stored zero; row 3: empty
+    hidden = (torch.randn(b, d, generator=g)).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype).requires_grad_(True)
+    nxt = torch.randint(0, v, (b,), generator=g).to(torch.int32)
+    return hidden, weight, offsets, ids, probs, nxt
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, None, 1000])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_fused_loss_equals_memory_loss(chunk_rows, alpha):
+    """Golden: the chunked head + loss equals memory_loss(hidden @ W.T) in value and in the
+    gradients w.r.t. hidden and the head weight (float32, every chunking, empty/zero-prob rows)."""
+    hidden, weight, offsets, ids, probs, nxt = fused_case(11, 8, 70, seed=21)
+    assert int(offsets[4] - offsets[3]) == 0
+    want = memory_loss(hidden @ weight.t(), offsets, ids, probs, nxt, alpha=alpha)
+    got = fused_memory_loss(hidden, weight, offsets, ids, probs, nxt, alpha=alpha, chunk_rows=chunk_rows)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert got[0].requires_grad and not got[1].requires_grad and not got[2].requires_grad
+    scale = 0.37  # a non-unit upstream gradient must scale both gradients
+    g_want = torch.autograd.grad(want[0] * scale, (hidden, weight))
+    g_got = torch.autograd.grad(got[0] * scale, (hidden, weight))
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_in_bf16_matches_the_autocast_path():
+    """Training's bf16 case: head matmuls in bf16, loss in float32, like memory_loss on autocast logits."""
+    hidden, weight, offsets, ids, probs, nxt = fused_case(16, 32, 200, seed=22)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16
+    want = memory_loss(logits, offsets, ids, probs.half(), nxt)
+    got = fused_memory_loss(hidden, weight, offsets, ids, probs.half(), nxt, compute_dtype=torch.bfloat16,
+                            chunk_rows=5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # same bf16 logits, float32 loss
+    g_want = torch.autograd.grad(want[0], (hidden, weight))
+    g_got = torch.autograd.grad(got[0], (hidden, weight))
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-4)  # bf16 rounding of the logit gradient
+
+
+def test_fused_loss_without_grad_and_bad_shapes():
+    hidden, weight, offsets, ids, probs, nxt = fused_case(6, 8, 40, seed=23)
+    with torch.no_grad():
+        got = fused_memory_loss(hidden, weight, offsets, ids, probs, nxt)
+        want = memory_loss(hidden @ weight.t(), offsets, ids, probs, nxt)
+    assert not got[0].requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="CSR shapes"):
+        fused_memory_loss(hidden, weight, offsets[:-1], ids, probs, nxt)
 
 
 def test_detect_family():

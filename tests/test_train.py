@@ -81,3 +81,42 @@ def test_wrong_alpha_is_refused(built, tiny_llama, tmp_path):
     _, _, ds, tg = built
     with pytest.raises(MLPMemError, match="alpha"):
         train_memory(new_memory(tiny_llama), ds, tg, tmp_path, TrainSettings(alpha=1.5), progress=False)
+
+
+def test_snapshots_hold_the_weights_of_that_step_and_change_nothing(built, tiny_llama, tmp_path):
+    """A snapshot at half the training = the weights an interrupted run checkpointed at that step;
+    the final weights equal those of a run without snapshots; each snapshot's validation is real."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from mlpmemory.memory import MLPMemory
+    from mlpmemory.train import evaluate_loss, snapshot_dir, snapshot_steps, split_rows
+
+    _, _, ds, tg = built
+    with_snaps = new_memory(tiny_llama)
+    m = train_memory(with_snaps, ds, tg, tmp_path / "s", SETTINGS, progress=False, snapshots=(0.5, 0.25))
+    total = m["steps"]
+    steps = snapshot_steps((0.5, 0.25), total)
+    assert [s["step"] for s in sorted(m["snapshots"], key=lambda s: s["step"])] == steps and steps[0] < steps[1] < total
+    half = steps[1]
+    snap = next(s for s in m["snapshots"] if s["step"] == half)
+    assert snap["rows_seen"] == half * m["batch_rows"] and snap["dir"] == f"snapshots/step_{half:07d}"
+    # Oracle for the snapshot: a run without snapshots, checkpointing every step, killed at that step.
+    every = replace(SETTINGS, checkpoint_every=1)
+    assert train_memory(new_memory(tiny_llama), ds, tg, tmp_path / "k", every, progress=False,
+                        stop_after_steps=half) == {}
+    killed = load_file(str(tmp_path / "k" / CHECKPOINT / "model.safetensors"))
+    loaded = MLPMemory.from_pretrained(snapshot_dir(tmp_path / "s", half))
+    for name, t in loaded.state_dict().items():
+        torch.testing.assert_close(t, killed[name], rtol=0, atol=0, msg=name)
+    _, val_rows = split_rows(ds.n, SETTINGS.val_rows, SETTINGS.seed)
+    again = evaluate_loss(loaded.train(), OfflineInputs(ds), tg, val_rows, SETTINGS.alpha, "cpu", None)
+    assert again == pytest.approx(snap["validation"], rel=1e-6)
+    # Snapshots do not change the training: same final weights as without them.
+    plain = new_memory(tiny_llama)
+    train_memory(plain, ds, tg, tmp_path / "p", SETTINGS, progress=False)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), with_snaps.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    with pytest.raises(MLPMemError, match="snapshot"):
+        snapshot_steps((0.0,), 10)
