@@ -71,8 +71,10 @@ class Options:
 
     def systems(self) -> list[str]:
         names = [s.strip() for s in self.bench_systems.split(",") if s.strip()]
-        if not names or (bad := [s for s in names if s not in SYSTEMS]):
-            raise MLPMemError(f"--bench-systems: unknown {names or 'empty list'}; choose from {', '.join(SYSTEMS)}")
+        bad = [s for s in names if s not in SYSTEMS]
+        if not names or bad:
+            raise MLPMemError(f"--bench-systems: {'unknown ' + ', '.join(bad) if bad else 'empty list'}; "
+                              f"choose from {', '.join(SYSTEMS)}")
         return names
 
     def sizes(self) -> list[int]:

@@ -111,30 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser(_selected_command(argv)).parse_args(argv))
     command = args.pop("command")
     if command in TOOL_COMMANDS:
-        return _tool_main(command, args)
-    preset, config_file = args.pop("preset", None), args.pop("config", None)
+        return _guarded(lambda: _tool_main(command, args))
+    return _guarded(lambda: _stage_main(command, args))
+
+
+def _guarded(fn) -> int:
+    """Run a command: errors a user can fix become one line and exit status 2."""
     try:
-        if "run_dir" not in args:
-            args["run_dir"] = f"runs/{preset or 'default'}"
-        saved = Path(args["run_dir"]) / "config.json"
-        base = load_config_file(saved) if saved.exists() else {}
-        cfg = make_config(preset, config_file, base=base, **args)
-        from . import pipeline
-
-        run = pipeline.Run(cfg)
-        if command == "run":
-            results = pipeline.run_all(run)
-            print(pipeline.format_table(results))
-            print(f"\nresults: {run.dir / 'results.json'}")
-        else:
-            stage = command.replace("-ppl", "")
-            manifest = getattr(pipeline, f"stage_{stage}")(run)
-            if stage == "eval":
-                from .evaluate import format_ppl_table
-
-                print(format_ppl_table(manifest))
-            print(f"{command}: complete in {run.path(stage if stage != 'train' else 'memory')}")
-            _print_brief(manifest)
+        fn()
     except MLPMemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2
@@ -144,7 +128,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _tool_main(command: str, args: dict) -> int:
+def _stage_main(command: str, args: dict) -> None:
+    preset, config_file = args.pop("preset", None), args.pop("config", None)
+    if "run_dir" not in args:
+        args["run_dir"] = f"runs/{preset or 'default'}"
+    saved = Path(args["run_dir"]) / "config.json"
+    base = load_config_file(saved) if saved.exists() else {}
+    cfg = make_config(preset, config_file, base=base, **args)
+    from . import pipeline
+
+    run = pipeline.Run(cfg)
+    if command == "run":
+        results = pipeline.run_all(run)
+        print(pipeline.format_table(results))
+        print(f"\nresults: {run.dir / 'results.json'}")
+    else:
+        stage = command.replace("-ppl", "")
+        manifest = getattr(pipeline, f"stage_{stage}")(run)
+        if stage == "eval":
+            from .evaluate import format_ppl_table
+
+            print(format_ppl_table(manifest))
+        print(f"{command}: complete in {run.path(stage if stage != 'train' else 'memory')}")
+        _print_brief(manifest)
+
+
+def _tool_main(command: str, args: dict) -> None:
     """Run a tool command on a run directory: run-level settings from the run, its own options from flags."""
     import importlib
     from dataclasses import fields as dc_fields
@@ -154,23 +163,15 @@ def _tool_main(command: str, args: dict) -> int:
     opts = module.Options(**{k: v for k, v in args.items() if k in own})
     rest = {k: v for k, v in args.items() if k not in own}
     config_file = rest.pop("config", None)
-    try:
-        rest.setdefault("run_dir", "runs/quick")
-        saved = Path(rest["run_dir"]) / "config.json"
-        base = load_config_file(saved) if saved.exists() else {}
-        cfg = make_config(None, config_file, base=base, **rest)
-        if hasattr(opts, "validate"):
-            opts.validate()
-        from . import pipeline
+    rest.setdefault("run_dir", "runs/quick")
+    saved = Path(rest["run_dir"]) / "config.json"
+    base = load_config_file(saved) if saved.exists() else {}
+    cfg = make_config(None, config_file, base=base, **rest)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    from . import pipeline
 
-        module.main(pipeline.Run(cfg, save_config=False), opts)
-    except MLPMemError as e:
-        print(f"mlpmem: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mlpmem: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
-        return 130
-    return 0
+    module.main(pipeline.Run(cfg, save_config=False), opts)
 
 
 def _print_brief(manifest: dict) -> None:

@@ -27,6 +27,24 @@ def synthetic_text(n_words: int, seed: int = 0) -> str:
     return " ".join(out)
 
 
+def write_docs(path, n_docs: int, n_words: int = 60, seed0: int = 0) -> list[str]:
+    """A JSONL corpus of ``n_docs`` synthetic documents (``text`` + ``title``); returns the texts."""
+    import json
+
+    texts = [synthetic_text(n_words, seed=seed0 + i) for i in range(n_docs)]
+    with open(path, "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "title": f"doc{i}"}) + "\n")
+    return texts
+
+
+def tiny_run_args(run_dir, model_path, corpus, *extra) -> list[str]:
+    """CLI flags for a whole pipeline run on a tiny model in seconds (later flags override earlier ones)."""
+    return ["--run-dir", str(run_dir), "--model", str(model_path), "--corpus", str(corpus), "--dtype", "float32",
+            "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4", "--tune-tokens", "128",
+            "--heldout-fraction", "0.3", "--k", "8", *extra]
+
+
 def make_tiny_tokenizer(path) -> "PreTrainedTokenizerFast":  # noqa: F821
     """A byte-level BPE tokenizer (vocab ~300) trained on synthetic text, saved to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

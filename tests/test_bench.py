@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import synthetic_text
+from conftest import tiny_run_args, write_docs
 from mlpmemory import bench
 from mlpmemory.cli import main
 
@@ -18,13 +18,9 @@ TINY = ["--bench-prompts", "2", "--bench-prompt-tokens", "12", "--bench-decode-t
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("bench")
-    with open(root / "docs.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"text": synthetic_text(60, seed=i), "title": f"doc{i}"}) + "\n")
+    write_docs(root / "docs.jsonl", 24)
     run = root / "run"
-    assert main(["run", "--run-dir", str(run), "--model", str(tiny_llama.path), "--corpus", str(root / "docs.jsonl"),
-                 "--dtype", "float32", "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4",
-                 "--tune-tokens", "128", "--heldout-fraction", "0.3", "--k", "8", "--memory-preset", "tiny"]) == 0
+    assert main(["run", *tiny_run_args(run, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]) == 0
     return run
 
 

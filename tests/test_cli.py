@@ -5,23 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from conftest import synthetic_text
+from conftest import synthetic_text, tiny_run_args, write_docs
 from mlpmemory.cli import main
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    with open(d / "docs.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": synthetic_text(60, seed=i), "title": f"doc{i}"}) + "\n")
+    write_docs(d / "docs.jsonl", 40)
     return d
 
 
-def args_for(run_dir, model_path, corpus, *extra):
-    return ["--run-dir", str(run_dir), "--model", str(model_path), "--corpus", str(corpus), "--dtype", "float32",
-            "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4", "--tune-tokens", "128",
-            "--heldout-fraction", "0.3", "--k", "8", *extra]
+args_for = tiny_run_args
 
 
 def fails(capsys, argv, *fragments):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_text
+from conftest import synthetic_text, tiny_run_args, write_docs
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.cli import main
 from mlpmemory.errors import MLPMemError
@@ -239,13 +239,9 @@ def test_score_continuations_batched_equals_unbatched_and_hand_computation(tiny_
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("genrun")
-    with open(root / "docs.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"text": synthetic_text(60, seed=i)}) + "\n")
+    write_docs(root / "docs.jsonl", 40)
     run_dir = root / "run"
-    argv = ["run", "--run-dir", str(run_dir), "--model", str(tiny_llama.path), "--corpus", str(root / "docs.jsonl"),
-            "--dtype", "float32", "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4",
-            "--tune-tokens", "128", "--heldout-fraction", "0.3", "--k", "8", "--memory-preset", "tiny"]
+    argv = ["run", *tiny_run_args(run_dir, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]
     assert main(argv) == 0
     return run_dir
 

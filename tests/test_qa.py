@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import synthetic_text
+from conftest import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.errors import MLPMemError
 from mlpmemory.qa import (SYSTEMS, Options, continuation, coverage_groups, dedupe, exact_match_score, f1_score,
@@ -206,15 +206,10 @@ N_DOCS = 40
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     d = tmp_path_factory.mktemp("qa")
-    texts = [synthetic_text(40, seed=100 + i) for i in range(N_DOCS)]
-    with open(d / "docs.jsonl", "w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "title": f"doc{i}"}) + "\n")
+    texts = write_docs(d / "docs.jsonl", N_DOCS, n_words=40, seed0=100)
     run = d / "run"
-    argv = ["run", "--run-dir", str(run), "--model", str(tiny_llama.path), "--corpus", str(d / "docs.jsonl"),
-            "--dtype", "float32", "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4",
-            "--tune-tokens", "64", "--heldout-fraction", "0.3", "--k", "8", "--max-train-tokens", "900",
-            "--train-batch", "64", "--val-rows", "64"]
+    argv = ["run", *tiny_run_args(run, tiny_llama.path, d / "docs.jsonl", "--tune-tokens", "64", "--max-train-tokens",
+                                  "900", "--train-batch", "64", "--val-rows", "64")]
     assert main(argv) == 0
     return d, run, texts
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_text
+from conftest import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.datastore import open_datastore
 from mlpmemory.memory import MLPMemory, MLPMemoryConfig, count_parameters
@@ -18,13 +18,9 @@ from mlpmemory.scaling import fit_power_law, power_law
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("scaling")
-    with open(root / "docs.jsonl", "w") as f:
-        for i in range(28):
-            f.write(json.dumps({"text": synthetic_text(60, seed=i), "title": f"doc{i}"}) + "\n")
-    args = ["--run-dir", str(root / "run"), "--model", str(tiny_llama.path), "--corpus", str(root / "docs.jsonl"),
-            "--dtype", "float32", "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4",
-            "--tune-tokens", "128", "--heldout-fraction", "0.3", "--k", "8", "--train-batch", "256",
-            "--memory-blocks", "2", "--lambdas", "0,0.1,0.3,0.5,0.7"]
+    write_docs(root / "docs.jsonl", 28)
+    args = tiny_run_args(root / "run", tiny_llama.path, root / "docs.jsonl", "--train-batch", "256",
+                         "--memory-blocks", "2", "--lambdas", "0,0.1,0.3,0.5,0.7")
     assert main(["run", *args]) == 0
     return root / "run", ["--run-dir", str(root / "run")]  # later commands read the run's saved settings
 
