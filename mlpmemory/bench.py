@@ -178,7 +178,7 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
     import faiss
     from tqdm.auto import tqdm
 
-    from .index import INDEX_FILE, _index_params, _sample_rows, load_index, measure_recall
+    from .index import INDEX_FILE, _index_params, _sample_rows, load_index, measure_recall, new_index
 
     out = root / f"{n}_{factory.replace(',', '_')}"
     identity = {"datastore_fingerprint": sha256_json(ds.manifest), "n": int(n), "factory": factory, "seed": seed,
@@ -188,11 +188,7 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
     (out / "manifest.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    index = faiss.index_factory(ds.dim, factory, faiss.METRIC_L2)
-    if hasattr(faiss.downcast_index(index), "do_polysemous_training"):
-        # index_factory turns on polysemous training for PQ: slow (28 s for PQ32 on 5k tiny keys) and
-        # useless unless polysemous search (polysemous_ht) is used, which kNN-LM does not
-        faiss.downcast_index(index).do_polysemous_training = False
+    index = new_index(ds.dim, factory)
     if not index.is_trained:
         rows = _sample_rows(n, TRAIN_SAMPLES, seed)
         print(f"[bench] training {factory} on {len(rows):,} of {n:,} keys", file=sys.stderr)

@@ -174,6 +174,26 @@ def _to_gpu(index):
         return index, False
 
 
+def new_index(d: int, factory: str):
+    """An empty L2 index for ``factory``, with PQ's polysemous training switched off.
+
+    ``faiss.index_factory`` enables polysemous training for PQ codes. It only serves polysemous
+    (Hamming-filtered) search, which kNN-LM never uses, and it dominates training time (28 s vs
+    0.3 s for PQ32 on 5k keys in our tests).
+    """
+    import faiss
+
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_L2)
+    except RuntimeError as e:
+        raise MLPMemError(f"FAISS cannot build factory {factory!r} for d={d} ({str(e).splitlines()[0]}); "
+                          "use factory='auto' or a valid FAISS factory string") from None
+    inner = faiss.downcast_index(index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+    return index
+
+
 def build_index(datastore_dir, index_dir, *, factory: str = "auto", flat_max_rows: int = 300_000,
                 train_samples: int = 200_000, nprobe: int = 32, recall_queries: int = 256,
                 recall_k: int = 64, use_gpu: bool = False, seed: int = 0, add_batch: int = 65_536,
@@ -208,11 +228,7 @@ def build_index(datastore_dir, index_dir, *, factory: str = "auto", flat_max_row
         leftover.unlink()  # from a killed build
 
     t_start = time.perf_counter()
-    try:
-        index = faiss.index_factory(d, resolved, faiss.METRIC_L2)
-    except RuntimeError as e:
-        raise MLPMemError(f"FAISS cannot build factory {resolved!r} for d={d} ({str(e).splitlines()[0]}); "
-                          "use factory='auto' or a valid FAISS factory string") from None
+    index = new_index(d, resolved)
     on_gpu = False
     if use_gpu:
         index, on_gpu = _to_gpu(index)

@@ -49,8 +49,8 @@ class Run:
     def __init__(self, cfg: Config, save_config: bool = True):
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         if save_config:  # tool commands (generate, eval-qa, ...) only read a run's settings
+            self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.dir / "config.json", cfg.to_dict())
         self._lm = None
         self.timings: dict[str, float] = {}
