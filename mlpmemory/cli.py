@@ -92,7 +92,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, groups in STAGE_GROUPS.items():
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name], allow_abbrev=False)
         p.add_argument("--preset", choices=sorted(PRESETS), default="quick" if name == "run" else None,
-                       help="named settings (quick: 100k datastore tokens, ~5 min on 2 CPU cores; large: 500k tokens, ~45 min; default: the whole corpus)"
+                       help="named settings (quick: 100k datastore tokens, ~12 min on 2 CPU cores; large: 500k tokens, ~50 min; default: the whole corpus)"
                             + (" (default: quick)" if name == "run" else ""))
         p.add_argument("--config", metavar="FILE", help="TOML or JSON file with settings (flags override it)")
         add_config_args(p, groups)
