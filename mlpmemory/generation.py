@@ -88,15 +88,6 @@ def _site_of(memory, knn) -> str:
     return str(module)
 
 
-def _memory_logprobs(memory, hidden: torch.Tensor) -> torch.Tensor:
-    """log-softmax (float32) of the memory's logits on (N, d) hidden states, on the memory's device."""
-    from .inference import _module_device_dtype
-
-    device, dtype = _module_device_dtype(memory, hidden.device)
-    logits = memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
 def _knn_dense_logprobs(knn, hidden: torch.Tensor, vocab: int, timer: StageTimer) -> torch.Tensor:
     """Dense log p_kNN (float32, (N, V), -inf where no neighbour has the token) on ``hidden``'s device."""
     with timer.section("search"):
@@ -123,7 +114,7 @@ def augmented(model, *, memory=None, knn=None, lam: float, timer: StageTimer | N
     ``lam == 0`` or without either, no hook is installed and the model is untouched.
     """
     from .capture import capture_inputs, resolve_site
-    from .inference import _check_lambda, mix_logprobs
+    from .inference import _check_lambda, memory_logprobs, mix_logprobs
 
     model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
     lam = _check_lambda(lam)
@@ -156,7 +147,7 @@ def augmented(model, *, memory=None, knn=None, lam: float, timer: StageTimer | N
         h = hidden[:, hidden.shape[1] - n_pos:].reshape(b * n_pos, hidden.shape[-1])  # only where logits are wanted
         if memory is not None:
             with timer.section("memory_forward"):
-                q = _memory_logprobs(memory, h).to(logits.device)
+                q = memory_logprobs(memory, h).to(logits.device)
             if q.shape[-1] != vocab:
                 raise MLPMemError(f"the memory gives {q.shape[-1]} log-probs per position but the base LM {vocab}; "
                                   "the memory's vocabulary must equal the base LM's")
@@ -318,6 +309,7 @@ def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, ba
     the result.
     """
     from .capture import capture_inputs, resolve_site
+    from .inference import memory_logprobs
 
     model, tok = lm.model, lm.tokenizer
     if len(prompts) != len(continuations):
@@ -358,7 +350,7 @@ def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, ba
                     .double().cpu().numpy()}
             if "memory" in sites:
                 h = cap[sites["memory"].module_path][r_t, p_t]
-                q = _memory_logprobs(memory, h)
+                q = memory_logprobs(memory, h)
                 comp["memory"] = q.gather(-1, targets.to(q.device)[:, None])[:, 0].double().cpu().numpy()
             if "knn" in sites:
                 h = cap[sites["knn"].module_path][r_t, p_t]

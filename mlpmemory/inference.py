@@ -70,6 +70,13 @@ def _module_device_dtype(module: torch.nn.Module, fallback_device=None) -> tuple
     return torch.device(fallback_device or "cpu"), None
 
 
+def memory_logprobs(memory: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """log-softmax (float32) of ``memory``'s logits on ``hidden``, run on the memory's device and dtype."""
+    device, dtype = _module_device_dtype(memory, hidden.device)
+    logits = memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def memory_input_module(memory) -> str:
     """The base-LM module whose input the memory reads, from ``memory.config.input_site``."""
     site = getattr(getattr(memory, "config", None), "input_site", None)
@@ -111,9 +118,7 @@ class MemoryAugmentedLM(torch.nn.Module):
 
     def memory_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log-softmax (float32) of the memory's logits on hidden states from the input site."""
-        device, dtype = _module_device_dtype(self.memory, hidden.device)
-        logits = self.memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
-        return torch.log_softmax(logits.float(), dim=-1)
+        return memory_logprobs(self.memory, hidden)
 
     def forward(self, input_ids, attention_mask=None, *, return_base_output: bool = False, **kwargs):
         """Mixed next-token log-probabilities ``(B, T, V)``, float32, on the base LM's device.

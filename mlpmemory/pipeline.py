@@ -148,25 +148,40 @@ def stage_targets(run: Run) -> dict:
         min_prob=cfg.min_prob, shard_rows=cfg.shard_rows, batch=cfg.search_batch, nprobe=cfg.nprobe))
 
 
-def stage_train(run: Run) -> dict:
+def train_settings(cfg: Config, epochs: float | None = None):
+    """The memory's training settings from a run's config (``epochs`` overrides cfg.epochs)."""
+    from .train import TrainSettings
+
+    return TrainSettings(alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                         epochs=cfg.epochs if epochs is None else epochs, batch_rows=cfg.train_batch,
+                         grad_clip=cfg.grad_clip, seed=cfg.seed, val_rows=cfg.val_rows,
+                         checkpoint_every=cfg.checkpoint_every, mode=cfg.train_mode)
+
+
+def training_datastore(run: Run):
+    """The run's datastore, checked to be trainable with the run's model: same weights, memory inputs stored."""
     from .datastore import open_datastore
+
+    ds = open_datastore(run.path(DATASTORE))
+    if ds.manifest["model_fingerprint"] != run.lm.fingerprint:
+        raise MLPMemError(f"the datastore in {run.path(DATASTORE)} was built with another model or dtype than "
+                          f"{run.cfg.model} ({run.cfg.dtype}); use the same --model/--dtype or another --run-dir")
+    if ds.manifest.get("mem_site") is None:
+        raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
+    return ds
+
+
+def stage_train(run: Run) -> dict:
     from .memory import build_memory, memory_config_for
     from .targets import open_targets
-    from .train import OnlineInputs, TrainSettings, train_memory
+    from .train import OnlineInputs, train_memory
 
     cfg = run.cfg
     stage_targets(run)
-    ds = open_datastore(run.path(DATASTORE))
+    ds = training_datastore(run)
     targets = open_targets(run.path(TARGETS), ds.manifest)
     lm = run.lm
-    if ds.manifest["model_fingerprint"] != lm.fingerprint:
-        raise MLPMemError(f"the datastore in {run.path(DATASTORE)} was built with another model or dtype than "
-                          f"{cfg.model} ({cfg.dtype}); use the same --model/--dtype or another --run-dir")
-    if ds.manifest.get("mem_site") is None:
-        raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
-    settings = TrainSettings(alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                             epochs=cfg.epochs, batch_rows=cfg.train_batch, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                             val_rows=cfg.val_rows, checkpoint_every=cfg.checkpoint_every, mode=cfg.train_mode)
+    settings = train_settings(cfg)
     sizing = ({"n_blocks": cfg.memory_blocks} if cfg.memory_blocks else
               {"param_ratio": cfg.memory_param_ratio} if cfg.memory_param_ratio else {"preset": cfg.memory_preset})
 

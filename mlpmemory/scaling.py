@@ -136,15 +136,6 @@ def power_law(n, fit: dict):
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_settings(cfg, epochs: float):
-    """The run's training settings (as ``pipeline.stage_train`` builds them), with ``epochs``."""
-    from .train import TrainSettings
-
-    return TrainSettings(alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, epochs=epochs,
-                         batch_rows=cfg.train_batch, grad_clip=cfg.grad_clip, seed=cfg.seed, val_rows=cfg.val_rows,
-                         checkpoint_every=cfg.checkpoint_every, mode=cfg.train_mode)
-
-
 def _train_size(run, ds, targets, mcfg, settings, out: Path, snapshots: list[float]) -> tuple[Path, dict]:
     """Train one memory (or reuse a finished identical one); its directory and training manifest."""
     import torch
@@ -218,7 +209,6 @@ def _test_dir(run) -> Path:
 
 def main(run, opts: Options) -> None:
     from . import pipeline
-    from .datastore import open_datastore
     from .evaluate import check_compatible, json_safe, perplexity, score_components
     from .memory import memory_config_for
     from .targets import open_targets
@@ -231,15 +221,10 @@ def main(run, opts: Options) -> None:
     if not all(is_complete(p) for p in (run.path(pipeline.TARGETS), run.path(pipeline.TUNE), _test_dir(run))):
         pipeline.stage_eval(run)
     lm = run.lm
-    ds = open_datastore(run.path(pipeline.DATASTORE))
-    if ds.manifest.get("model_fingerprint") != lm.fingerprint:
-        raise MLPMemError(f"the datastore in {run.path(pipeline.DATASTORE)} was built with another model or dtype "
-                          f"than {cfg.model} ({cfg.dtype}); use the run's --model/--dtype or rebuild the run")
-    if ds.manifest.get("mem_site") is None:
-        raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
+    ds = pipeline.training_datastore(run)
     targets = open_targets(run.path(pipeline.TARGETS), ds.manifest)
     epochs = float(opts.scaling_epochs if opts.scaling_epochs is not None else cfg.epochs)
-    settings = _train_settings(cfg, epochs)
+    settings = pipeline.train_settings(cfg, epochs)
     out = Path(opts.scaling_out) if opts.scaling_out else run.dir / OUT_NAME
     site = ds.manifest["mem_site"]
     configs = {}
