@@ -5,8 +5,8 @@ Why these two:
 - **alpha (KL weight).** The memory is trained on ``alpha * KL(p_kNN || p_mem) + (1 - alpha) * CE``.
   At ``alpha = 0`` it never sees the retriever: it is a plain MLP head fine-tuned on the corpus's
   next tokens. That is the control that separates "imitating kNN retrieval helps" from "any
-  extra capacity trained on in-domain text helps" (our calibration run, METHOD.md §5, had no
-  such control). ``alpha = 1`` is pure imitation; the paper uses 0.4, its code 0.5.
+  extra capacity trained on in-domain text helps" (our calibration run had no such control;
+  docs/method.md#measured-on-this-project). ``alpha = 1`` is pure imitation; the paper uses 0.4, its code 0.5.
 - **Input layer.** The paper reports ~70% of decoder depth as best at every GPT-2 scale, while the
   released code hard-wires the last layer, and in our calibration run (SmolLM2-135M) the last
   layer's FFN input beat 0.7 depth. The best layer is a property of the base model, so it is

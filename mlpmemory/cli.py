@@ -1,12 +1,14 @@
-"""`mlpmem`: one command, one subcommand per pipeline stage, each a thin call into pipeline.py.
+"""`mlpmem`: one command, one subcommand per pipeline stage or tool; each a thin call into the library.
 
-Options come from the fields of :class:`mlpmemory.config.Config` (their docs are the ``--help``
-text). Every stage takes every option: it may have to run the stages before it.
+Stage commands (corpus ... eval-ppl, run) build a run directory. Each accepts the settings of the
+groups it reads (:data:`STAGE_READS`: its own stage and every stage before it, which it may have
+to build) and saves them as the run's ``config.json``. ``eval-ppl`` also takes invocation options
+(:class:`EvalPplOptions`) that are never saved.
 
-Commands that *use* a finished run (generation, QA, benchmarks, scaling) live in their own
-modules (``TOOL_COMMANDS``). Each such module exposes an ``Options`` dataclass (fields made with
-:func:`mlpmemory.config.opt`, docs = ``--help``) and ``main(run, opts)``. The module is imported
-only when its command is the one being run, so ``mlpmem --help`` stays fast.
+Tool commands (generate, eval-qa, bench, scaling) use a finished run. Each lives in its own module
+(:data:`TOOL_COMMANDS`), which exposes an ``Options`` dataclass (fields made with
+:func:`mlpmemory.config.opt`, docs = ``--help``) and ``main(run, opts)``; the module is imported
+only when its command runs, so ``mlpmem --help`` stays fast. Tool options are never saved.
 
 Errors a user can fix print as one line and exit with status 2.
 """
@@ -14,29 +16,33 @@ Errors a user can fix print as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import types
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import PRESETS, Config, load_config_file, make_config
+from .config import GROUPS, PRESETS, load_config_file, make_config, opt
 from .errors import MLPMemError
 
-# Every stage accepts every option: settings are saved with the run directory, so an option given
-# early (say --k with `mlpmem datastore`) is remembered for the stages that use it.
-ALL_GROUPS = ["run", "corpus", "datastore", "index", "targets", "train", "eval"]
-STAGES = ("corpus", "datastore", "index", "targets", "train", "eval-ppl", "run")
-STAGE_GROUPS = {stage: ALL_GROUPS for stage in STAGES}
+STAGE_ORDER = ["corpus", "datastore", "index", "targets", "train", "eval-ppl"]
+_GROUP_OF_STAGE = {"corpus": "corpus", "datastore": "datastore", "index": "index", "targets": "targets",
+                   "train": "train", "eval-ppl": "eval"}
+# command -> the settings groups it reads: the run group, its own stage and every stage before it.
+STAGE_READS = {stage: ["run"] + [_GROUP_OF_STAGE[s] for s in STAGE_ORDER[:i + 1]]
+               for i, stage in enumerate(STAGE_ORDER)}
+STAGE_READS["run"] = list(GROUPS)
 STAGE_HELP = {
     "corpus": "tokenise the corpus into train / held-out token streams",
     "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
     "index": "build the FAISS index over the datastore keys",
     "targets": "compute the sparse kNN target distribution of every datastore row",
     "train": "train the MLP memory on the kNN targets (alpha * KL + (1 - alpha) * CE)",
-    "eval-ppl": "perplexity of base / +kNN-LM / +MLP memory on identical windows; lambda and T chosen on validation",
-    "run": "the main job: every stage on the chosen preset, skipping finished ones, then the results table",
+    "eval-ppl": "perplexity of base / +kNN-LM / +MLP memory / +RAG on identical windows; lambda and T chosen on "
+                "validation",
+    "run": "the main job: every stage (preset quick for a new run), skipping finished ones, then the results table",
 }
-
 
 # command -> (module, help). The module provides `Options` (a dataclass) and `main(run, opts)`.
 TOOL_COMMANDS = {
@@ -51,31 +57,44 @@ TOOL_COMMANDS = {
 }
 
 
+@dataclass
+class EvalPplOptions:
+    """Options of one `mlpmem eval-ppl` invocation (never saved as run settings)."""
+
+    eval_text: str | None = opt(None, "score this text file/corpus instead of the held-out test half; lambda and T "
+                                      "are still chosen on the held-out validation slice, and the report goes to "
+                                      "<run>/eval_text/<text fingerprint>/ (results.json is not touched)")
+
+
 def _arg_type(tp):
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
 
 
-def add_config_args(parser: argparse.ArgumentParser, groups: list[str] | None, cls=Config) -> None:
-    """One ``--flag`` per field of the dataclass ``cls`` (in ``groups``; all when None)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    """One ``--flag`` per field of the dataclass ``cls``, in a help section named ``title``."""
+    section = parser.add_argument_group(title, (cls.__doc__ or "").strip().splitlines()[0] or None)
     hints = typing.get_type_hints(cls)
-    sections = {}
     for f in fields(cls):
-        group = f.metadata["group"]
-        if groups is not None and group not in groups:
-            continue
-        section = sections.get(group) or parser.add_argument_group(f"{group} options")
-        sections[group] = section
         flag = "--" + f.name.replace("_", "-")
         tp = _arg_type(hints[f.name])
-        help_text = f.metadata["help"] if "default:" in f.metadata["help"] else f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "default:" not in help_text and "(none:" not in help_text:
+            help_text += f" (default: {f.default})"
         if tp is bool:
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                 help=help_text)
         else:
             section.add_argument(flag, type=tp, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
                                  help=help_text, metavar=f.name.upper())
+
+
+def _verbosity_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                       help="only warnings and errors on stderr")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="debug messages")
 
 
 def _selected_command(argv: list[str] | None) -> str | None:
@@ -83,33 +102,48 @@ def _selected_command(argv: list[str] | None) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _add_stage_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name], allow_abbrev=False)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named settings: quick (100k datastore tokens), large (500k), default (the whole corpus)"
+                        + ("; default: quick for a new run, the saved settings for an existing one"
+                           if name == "run" else ""))
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file with run settings (flags override it)")
+    _verbosity_args(p)
+    for group in STAGE_READS[name]:
+        add_dataclass_args(p, GROUPS[group], f"{group} settings")
+    if name == "eval-ppl":
+        add_dataclass_args(p, EvalPplOptions, "this invocation only (not saved)")
+
+
+def _add_tool_parser(sub, name: str, selected: bool) -> None:
+    module, help_text = TOOL_COMMANDS[name]
+    p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+    if selected:  # a tool module is imported only when its command runs
+        add_dataclass_args(p, importlib.import_module(module).Options, f"{name} options (not saved)")
+    _verbosity_args(p)
+    add_dataclass_args(p, GROUPS["run"], "run settings (default: the run's saved ones)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; a tool command's own options are added only when it is ``command``."""
     parser = argparse.ArgumentParser(prog="mlpmem", description="MLP Memory for Hugging Face causal LMs "
-                                     "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and use the memory.",
-                                     allow_abbrev=False)
+                                     "(arXiv 2508.01832): build a datastore, index and kNN targets, then train and "
+                                     "use the memory.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, groups in STAGE_GROUPS.items():
-        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name], allow_abbrev=False)
-        p.add_argument("--preset", choices=sorted(PRESETS), default="quick" if name == "run" else None,
-                       help="named settings (quick: 100k datastore tokens, ~12 min on 2 CPU cores; large: 500k tokens, ~50 min; default: the whole corpus)"
-                            + (" (default: quick)" if name == "run" else ""))
-        p.add_argument("--config", metavar="FILE", help="TOML or JSON file with settings (flags override it)")
-        add_config_args(p, groups)
-    for name, (module, help_text) in TOOL_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        if name == command:
-            import importlib
-
-            add_config_args(p, None, importlib.import_module(module).Options)
-        p.add_argument("--config", metavar="FILE", help="TOML or JSON file with run settings (flags override it)")
-        add_config_args(p, ["run"])
+    for name in STAGE_READS:
+        _add_stage_parser(sub, name)
+    for name in TOOL_COMMANDS:
+        _add_tool_parser(sub, name, name == command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .log import configure
+
     args = vars(build_parser(_selected_command(argv)).parse_args(argv))
     command = args.pop("command")
+    configure(args.pop("verbosity", 0))
     if command in TOOL_COMMANDS:
         return _guarded(lambda: _tool_main(command, args))
     return _guarded(lambda: _stage_main(command, args))
@@ -128,50 +162,52 @@ def _guarded(fn) -> int:
     return 0
 
 
+def _saved_settings(run_dir: str) -> dict:
+    saved = Path(run_dir) / "config.json"
+    return load_config_file(saved) if saved.exists() else {}
+
+
 def _stage_main(command: str, args: dict) -> None:
-    preset, config_file = args.pop("preset", None), args.pop("config", None)
-    if "run_dir" not in args:
-        args["run_dir"] = f"runs/{preset or 'default'}"
-    saved = Path(args["run_dir"]) / "config.json"
-    base = load_config_file(saved) if saved.exists() else {}
-    cfg = make_config(preset, config_file, base=base, **args)
     from . import pipeline
 
-    run = pipeline.Run(cfg)
+    preset, config_file = args.pop("preset", None), args.pop("config", None)
+    eval_text = args.pop("eval_text", None)
+    args.setdefault("run_dir", f"runs/{preset or ('quick' if command == 'run' else 'default')}")
+    base = _saved_settings(args["run_dir"])
+    if command == "run" and not base and preset is None:
+        preset = "quick"  # a new run without a preset is the README's main job
+    run = pipeline.Run(make_config(preset, config_file, base=base, **args))
+    pipeline.preflight(run)
+    run.save_config()
     if command == "run":
         results = pipeline.run_all(run)
         print(pipeline.format_table(results))
         print(f"\nresults: {run.dir / 'results.json'}")
-    else:
-        stage = command.replace("-ppl", "")
-        manifest = getattr(pipeline, f"stage_{stage}")(run)
-        if stage == "eval":
-            from .evaluate import format_ppl_table
+    elif command == "eval-ppl":
+        from .evaluate import format_ppl_table
 
-            print(format_ppl_table(manifest))
-        print(f"{command}: complete in {run.path(stage if stage != 'train' else 'memory')}")
+        print(format_ppl_table(pipeline.stage_eval(run, eval_text=eval_text)))
+        where = pipeline.EVAL_TEXT if eval_text else pipeline.EVAL
+        print(f"eval-ppl: complete; report in {run.dir / where}")
+    else:
+        manifest = getattr(pipeline, f"stage_{command}")(run)
+        print(f"{command}: complete in {run.path(command if command != 'train' else 'memory')}")
         _print_brief(manifest)
 
 
 def _tool_main(command: str, args: dict) -> None:
-    """Run a tool command on a run directory: run-level settings from the run, its own options from flags."""
-    import importlib
-    from dataclasses import fields as dc_fields
-
-    module = importlib.import_module(TOOL_COMMANDS[command][0])
-    own = {f.name for f in dc_fields(module.Options)}
-    opts = module.Options(**{k: v for k, v in args.items() if k in own})
-    rest = {k: v for k, v in args.items() if k not in own}
-    config_file = rest.pop("config", None)
-    rest.setdefault("run_dir", "runs/quick")
-    saved = Path(rest["run_dir"]) / "config.json"
-    base = load_config_file(saved) if saved.exists() else {}
-    cfg = make_config(None, config_file, base=base, **rest)
-    if hasattr(opts, "validate"):
-        opts.validate()
+    """Run a tool command on a run directory: run settings from the run, its own options from flags."""
     from . import pipeline
 
-    module.main(pipeline.Run(cfg, save_config=False), opts)
+    module = importlib.import_module(TOOL_COMMANDS[command][0])
+    own = {f.name for f in fields(module.Options)}
+    opts = module.Options(**{k: v for k, v in args.items() if k in own})
+    rest = {k: v for k, v in args.items() if k not in own}
+    rest.setdefault("run_dir", "runs/quick")
+    cfg = make_config(None, None, base=_saved_settings(rest["run_dir"]), **rest)
+    if hasattr(opts, "validate"):
+        opts.validate()
+    module.main(pipeline.Run(cfg), opts)
 
 
 def _print_brief(manifest: dict) -> None:

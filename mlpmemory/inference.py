@@ -3,7 +3,7 @@
 Why it is written this way:
 
 - **Mixing happens in log space.** ``log p = logaddexp(log(1-lam) + log p_LM, log(lam) + log q)``
-  (METHOD.md §2.8) is the exact log of ``(1-lam) p_LM + lam q`` without ever leaving log space,
+  (docs/method.md#mixing) is the exact log of ``(1-lam) p_LM + lam q`` without ever leaving log space,
   so tiny probabilities neither underflow nor round to zero. ``lam = 0`` returns the base
   log-probs *unchanged* (the same object, bit for bit) and ``lam = 1`` the other's, so "the
   augmented model at lambda 0 is the base model" holds exactly, not to a tolerance. A component
@@ -88,7 +88,7 @@ def memory_input_module(memory) -> str:
 
 
 class MemoryAugmentedLM(torch.nn.Module):
-    """A frozen HF causal LM plus an MLP memory, mixed with weight ``lam`` (METHOD.md §2.8).
+    """A frozen HF causal LM plus an MLP memory, mixed with weight ``lam`` (docs/method.md#mixing).
 
     ``base`` is a ``transformers`` causal LM (or a :class:`mlpmemory.models.LoadedModel`, whose
     ``.model`` is used); ``memory`` is any module mapping hidden states ``(..., d)`` to logits
@@ -147,7 +147,7 @@ class MemoryAugmentedLM(torch.nn.Module):
 
 
 class KNNLM:
-    """A kNN-LM (METHOD.md §2.9): FAISS index over datastore keys + the datastore's next tokens.
+    """A kNN-LM (docs/method.md#baselines): FAISS index over datastore keys + the datastore's next tokens.
 
     ``index`` searches squared L2 over keys captured at the datastore's key site; ``values`` are
     the datastore's int32 next tokens (a memmap is fine); ``k`` neighbours are softmaxed at

@@ -1,17 +1,17 @@
 """The MLP Memory network: an all-MLP model that maps a base LM's hidden state to the kNN
-retriever's next-token distribution (METHOD.md §2.5-2.8).
+retriever's next-token distribution (docs/method.md#the-memory, #loss, #mixing).
 
 Why it looks like this:
 
 - **No attention, no token embedding.** The input is the frozen base LM's hidden state at one
-  site (the FFN input of a layer at ~70% depth), which already carries the context. The memory is
+  site (by default the last layer's FFN input, ``mem_site="last"``), which already carries the context. The memory is
   stateless per position, so generation reuses only the base LM's KV cache.
 - **The base family's own block.** ``L`` pre-norm residual blocks ``h = h + FFN(Norm(h))``, then a
   final norm and an LM head d -> |V| without bias. Llama-like bases get RMSNorm + SwiGLU with the
   base's intermediate size; GPT-2-like bases get LayerNorm + a d -> 4d -> d tanh-GELU MLP; anything
   else gets LayerNorm + exact-GELU MLP ("generic").
 - **Head from the base's output embedding** (default ``head_init="embedding"``): it helped in our
-  calibration run (METHOD.md §5: 24.89 -> 24.60 test PPL). The base's final norm weight is copied
+  calibration run (docs/method.md#measured-on-this-project). The base's final norm weight is copied
   too, because the embedding was trained to read hidden states *after that norm*; the memory's
   blocks then only have to learn where to move h, not a fresh vocabulary geometry.
 - **A sparse objective.** kNN targets are stored as CSR rows (~hundreds of non-zeros out of |V|).
@@ -27,7 +27,7 @@ Why it looks like this:
   whose fingerprint differs from the one the memory was trained for.
 
 Presets (:data:`PRESETS`): ``tiny`` = 2 blocks (tests, smoke runs), ``small`` = 4 blocks (our
-calibration run, §5), ``base`` = 8 blocks (the paper's "1B" memory for 7B bases), ``parity`` =
+calibration run and the default), ``base`` = 8 blocks (the paper's "1B" memory for 7B bases), ``parity`` =
 as many blocks as give the memory the base model's parameter count (the paper's GPT-2 setting:
 18/36/54 blocks for GPT-2 small/medium/large). The head counts in every parameter total.
 """

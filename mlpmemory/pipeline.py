@@ -25,35 +25,34 @@ settings such as T and lambda are chosen; the second half (``test``) is only eve
 
 from __future__ import annotations
 
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .config import Config
 from .errors import MLPMemError
+from .log import log
 from .manifest import (atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json,
                        write_manifest)
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
-RAG_BM25 = "rag_bm25"
-
-
-def log(msg: str) -> None:
-    print(f"[mlpmemory] {msg}", file=sys.stderr, flush=True)
+RAG_BM25, EVAL_TEXT = "rag_bm25", "eval_text"
 
 
 class Run:
     """A run directory plus lazily loaded base model, shared by the stages of one command."""
 
-    def __init__(self, cfg: Config, save_config: bool = True):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
-        if save_config:  # tool commands (generate, eval-qa, ...) only read a run's settings
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.dir / "config.json", cfg.to_dict())
+        self.dir = Path(cfg.run.run_dir)
         self._lm = None
         self.timings: dict[str, float] = {}
+
+    def save_config(self) -> None:
+        """Save the run settings (stage commands only: tool commands read a run, never change it)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", self.cfg.to_dict())
 
     def path(self, stage: str) -> Path:
         return self.dir / stage
@@ -63,9 +62,10 @@ class Run:
         if self._lm is None:
             from .models import load_model
 
+            r = self.cfg.run
             t = time.perf_counter()
-            self._lm = load_model(self.cfg.model, cache_dir=self.cfg.cache_dir, device=self.cfg.device, dtype=self.cfg.dtype)
-            log(f"loaded {self.cfg.model} ({self._lm.dtype}, {self._lm.device}) in {time.perf_counter() - t:.1f}s")
+            self._lm = load_model(r.model, cache_dir=r.cache_dir, device=r.device, dtype=r.dtype)
+            log(f"loaded {r.model} ({self._lm.dtype}, {self._lm.device}) in {time.perf_counter() - t:.1f}s")
         return self._lm
 
     def timed(self, stage: str, fn):
@@ -83,18 +83,28 @@ class Run:
         return result
 
 
-def stage_corpus(run: Run) -> dict:
+def preflight(run: Run) -> None:
+    """Cheap checks before any model loads or any file is written: a missing corpus path fails here."""
+    from .corpus import DEFAULT_CORPUS
+
+    spec = run.cfg.corpus.corpus
+    if not is_complete(run.path(CORPUS)) and spec != DEFAULT_CORPUS and not Path(spec).exists():
+        raise MLPMemError(f"corpus {spec} does not exist; give --corpus a file or folder (or 'wiki')")
+
+
+def _tokenize(run: Run, spec: str, out_dir: Path, heldout_fraction: float, caps: dict) -> dict:
     from .corpus import tokenize_corpus
 
-    cfg = run.cfg
+    c, lm = run.cfg.corpus, run.lm
+    return tokenize_corpus(spec, lm.tokenizer, out_dir, tokenizer_fingerprint=lm.tokenizer_fingerprint,
+                           heldout_fraction=heldout_fraction, text_field=c.text_field, skip_bad_utf8=c.skip_bad_utf8,
+                           cache_dir=run.cfg.run.cache_dir, **caps)
 
-    def go():
-        lm = run.lm
-        return tokenize_corpus(cfg.corpus, lm.tokenizer, run.path(CORPUS), tokenizer_fingerprint=lm.tokenizer_fingerprint,
-                               heldout_fraction=cfg.heldout_fraction, max_train_tokens=cfg.max_train_tokens,
-                               max_heldout_tokens=cfg.max_heldout_tokens, text_field=cfg.text_field,
-                               skip_bad_utf8=cfg.skip_bad_utf8, cache_dir=cfg.cache_dir)
-    return run.timed(CORPUS, go)
+
+def stage_corpus(run: Run) -> dict:
+    c = run.cfg.corpus
+    caps = {"max_train_tokens": c.max_train_tokens, "max_heldout_tokens": c.max_heldout_tokens}
+    return run.timed(CORPUS, lambda: _tokenize(run, c.corpus, run.path(CORPUS), c.heldout_fraction, caps))
 
 
 def validation_tokens(corpus_manifest: dict, tune_tokens: int) -> int:
@@ -102,60 +112,60 @@ def validation_tokens(corpus_manifest: dict, tune_tokens: int) -> int:
     return min(tune_tokens, corpus_manifest["n_tokens"]["heldout"] // 2)
 
 
+def _window_args(run: Run) -> dict:
+    d = run.cfg.datastore
+    return dict(key_site=d.key_site, block=d.block, stride=d.stride, batch_size=d.batch_size)
+
+
 def stage_datastore(run: Run) -> dict:
     from .datastore import build_datastore
 
-    cfg = run.cfg
+    d = run.cfg.datastore
     corpus = stage_corpus(run)
     identity = {"corpus_fingerprint": corpus["corpus_fingerprint"]}
-    common = dict(key_site=cfg.key_site, block=cfg.block, stride=cfg.stride, batch_size=cfg.batch_size)
     cdir = run.path(CORPUS)
-    n_valid = validation_tokens(corpus, cfg.tune_tokens)
+    n_valid = validation_tokens(corpus, d.tune_tokens)
     if n_valid < 2:  # checked first: T and lambda must be chosen on held-out text
         raise MLPMemError("the held-out split is empty: raise --heldout-fraction or use a larger corpus")
     manifest = run.timed(DATASTORE, lambda: build_datastore(
         run.lm, cdir / "train.i32", corpus["n_tokens"]["train"], run.path(DATASTORE),
-        mem_site=cfg.mem_site if cfg.store_mem_inputs else None, identity={**identity, "split": "train"}, **common))
+        mem_site=d.mem_site if d.store_mem_inputs else None, identity={**identity, "split": "train"},
+        **_window_args(run)))
     run.timed(TUNE, lambda: build_datastore(
-        run.lm, cdir / "heldout.i32", n_valid, run.path(TUNE), mem_site=cfg.mem_site, store_lm_logprob=True,
-        identity={**identity, "split": "heldout-validation"}, **common))
+        run.lm, cdir / "heldout.i32", n_valid, run.path(TUNE), mem_site=d.mem_site, store_lm_logprob=True,
+        identity={**identity, "split": "heldout-validation"}, **_window_args(run)))
     return manifest
 
 
 def stage_index(run: Run) -> dict:
     from .index import build_index
 
-    cfg = run.cfg
+    x = run.cfg.index
     stage_datastore(run)  # a no-op when complete, but it checks the current settings against it
-    return run.timed(INDEX, lambda: build_index(run.path(DATASTORE), run.path(INDEX), factory=cfg.index_factory,
-                                                flat_max_rows=cfg.flat_max_rows, nprobe=cfg.nprobe, use_gpu=cfg.use_gpu,
-                                                ivf_flat_max_bytes=int(cfg.ivf_flat_max_gb * (1 << 30))))
+    return run.timed(INDEX, lambda: build_index(run.path(DATASTORE), run.path(INDEX), factory=x.index_factory,
+                                                flat_max_rows=x.flat_max_rows, nprobe=x.nprobe, use_gpu=x.use_gpu,
+                                                ivf_flat_max_bytes=int(x.ivf_flat_max_gb * (1 << 30))))
 
 
 def stage_targets(run: Run) -> dict:
     from .targets import build_targets
 
-    cfg = run.cfg
+    t = run.cfg.targets
     stage_index(run)
     # The validation slice must come from the same model and capture site as the datastore.
     check_fields(read_manifest(run.path(TUNE), "validation slice"), read_manifest(run.path(DATASTORE), "datastore"),
                  ["model_fingerprint", "tokenizer_fingerprint", "key_site", "dim", "corpus_fingerprint"],
                  f"validation slice {run.path(TUNE)}")
-    temperature = cfg.temperature if cfg.temperature == "auto" else float(cfg.temperature)
+    temperature = t.temperature if t.temperature == "auto" else float(t.temperature)
     return run.timed(TARGETS, lambda: build_targets(
-        run.path(DATASTORE), run.path(INDEX), run.path(TARGETS), heldout_dir=run.path(TUNE),
-        k=cfg.k if cfg.k is not None else 1024, k_explicit=cfg.k is not None, temperature=temperature,
-        min_prob=cfg.min_prob, shard_rows=cfg.shard_rows, batch=cfg.search_batch, nprobe=cfg.nprobe))
+        run.path(DATASTORE), run.path(INDEX), run.path(TARGETS), heldout_dir=run.path(TUNE), k=t.k_value(),
+        k_explicit=t.k is not None, temperature=temperature, min_prob=t.min_prob, shard_rows=t.shard_rows,
+        batch=t.search_batch, nprobe=run.cfg.index.nprobe))
 
 
 def train_settings(cfg: Config, epochs: float | None = None):
-    """The memory's training settings from a run's config (``epochs`` overrides cfg.epochs)."""
-    from .train import TrainSettings
-
-    return TrainSettings(alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
-                         epochs=cfg.epochs if epochs is None else epochs, batch_rows=cfg.train_batch,
-                         grad_clip=cfg.grad_clip, seed=cfg.seed, val_rows=cfg.val_rows,
-                         checkpoint_every=cfg.checkpoint_every, mode=cfg.train_mode)
+    """The memory's training settings from a run's config (``epochs`` overrides the run's)."""
+    return cfg.train if epochs is None else replace(cfg.train, epochs=epochs)
 
 
 def training_datastore(run: Run):
@@ -165,7 +175,7 @@ def training_datastore(run: Run):
     ds = open_datastore(run.path(DATASTORE))
     if ds.manifest["model_fingerprint"] != run.lm.fingerprint:
         raise MLPMemError(f"the datastore in {run.path(DATASTORE)} was built with another model or dtype than "
-                          f"{run.cfg.model} ({run.cfg.dtype}); use the same --model/--dtype or another --run-dir")
+                          f"{run.cfg.run.model} ({run.cfg.run.dtype}); use the same --model/--dtype or another --run-dir")
     if ds.manifest.get("mem_site") is None:
         raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
     return ds
@@ -176,96 +186,123 @@ def stage_train(run: Run) -> dict:
     from .targets import open_targets
     from .train import OnlineInputs, train_memory
 
-    cfg = run.cfg
+    s = run.cfg.train
     stage_targets(run)
     ds = training_datastore(run)
     targets = open_targets(run.path(TARGETS), ds.manifest)
     lm = run.lm
-    settings = train_settings(cfg)
-    sizing = ({"n_blocks": cfg.memory_blocks} if cfg.memory_blocks else
-              {"param_ratio": cfg.memory_param_ratio} if cfg.memory_param_ratio else {"preset": cfg.memory_preset})
 
     def go():
         import torch
 
-        torch.manual_seed(cfg.seed)
-        mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=cfg.head_init, **sizing)
+        torch.manual_seed(s.seed)
+        mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
         memory = build_memory(lm, mcfg)
-        inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if cfg.train_mode == "online" else None
+        inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if s.train_mode == "online" else None
         log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, input {ds.manifest['mem_site']['module']}")
-        return train_memory(memory, ds, targets, run.path(MEMORY), settings, inputs=inputs, device=lm.device,
+        return train_memory(memory, ds, targets, run.path(MEMORY), s, inputs=inputs, device=lm.device,
                             identity={"datastore_fingerprint": sha256_json(ds.manifest)})
     return run.timed(MEMORY, go)
 
 
-def stage_eval(run: Run) -> dict:
-    """Perplexity of base, +kNN-LM, +MLP memory and +RAG on the test text, settings chosen on validation."""
+def _eval_text_dirs(run: Run, text: str) -> tuple[Path, Path, int, int, dict, Path]:
+    """An --eval-text: tokenised under eval_text/, scored into eval_text/<its fingerprint>/ (never the run's eval)."""
+    spec = str(Path(text).resolve()) if Path(text).exists() else text
+    tm = _tokenize(run, text, run.dir / EVAL_TEXT / f"tokens-{sha256_json(spec)[:12]}", 0.0, {})
+    root = run.dir / EVAL_TEXT / tm["corpus_fingerprint"]
+    identity = {"corpus_fingerprint": tm["corpus_fingerprint"], "split": "eval-text"}
+    token_path = run.dir / EVAL_TEXT / f"tokens-{sha256_json(spec)[:12]}" / "train.i32"
+    return root / "test", token_path, 0, tm["n_tokens"]["train"], identity, root
+
+
+def _test_text(run: Run, eval_text: str | None) -> tuple[Path, Path, int, int, dict, Path]:
+    """(test eval dir, token stream, start, n, identity, report dir) of the text to report on."""
+    if eval_text:
+        return _eval_text_dirs(run, eval_text)
+    corpus = read_manifest(run.path(CORPUS), "corpus")
+    n_held = corpus["n_tokens"]["heldout"]
+    identity = {"corpus_fingerprint": corpus["corpus_fingerprint"], "split": "heldout-test"}
+    return (run.path(EVAL_TEST), run.path(CORPUS) / "heldout.i32", n_held // 2, n_held - n_held // 2, identity,
+            run.path(EVAL))
+
+
+def _rag_setup(run: Run):
+    """The BM25 retriever and the +RAG settings that key its cache (None, None without --rag-ppl)."""
+    e = run.cfg.eval
+    if not e.rag_ppl:
+        return None, None
+    from .rag import BM25Retriever
+
+    retriever = run.timed(RAG_BM25, lambda: BM25Retriever.build_or_load(run))
+    return retriever, {"retriever": "bm25", "retriever_fingerprint": retriever.fingerprint, "passages": len(retriever),
+                       "passage_tokens": e.rag_passage_tokens, "retrieve_every": e.rag_retrieve_every,
+                       "query_tokens": e.rag_query_tokens, "n_passages": 1}
+
+
+def _eval_key(run: Run, test_dir: Path, mem_fp: str, rag_settings) -> str:
+    """What an eval report depends on, from manifests only: a finished eval must not load the index."""
+    tg = read_manifest(run.path(TARGETS), "targets")
+    return sha256_json({"memory": mem_fp, "index": read_manifest(run.path(INDEX), "index"),
+                        "datastore": read_manifest(run.path(DATASTORE), "datastore"), "k": tg["k"],
+                        "T": tg["temperature"], "nprobe": run.cfg.index.nprobe, "valid": read_manifest(run.path(TUNE)),
+                        "test": read_manifest(test_dir), "lambdas": run.cfg.eval.lambda_list(), "rag": rag_settings})
+
+
+def _rag_logprobs(run: Run, retriever, rag_settings, test_dir: Path, token_path: Path):
+    """+RAG log-probs of the test tokens, cached in the test eval dir (another lambda grid does not redo it)."""
+    from .rag import cached_ralm_logprobs
+
+    e = run.cfg.eval
+    lp, meta = cached_ralm_logprobs(test_dir, run.lm, retriever, token_path, retrieve_every=e.rag_retrieve_every,
+                                    query_tokens=e.rag_query_tokens, n_passages=1,
+                                    batch_size=run.cfg.datastore.batch_size)
+    return {"logprob": lp, "settings": rag_settings, **{k: meta.get(k) for k in (
+        "seconds", "retrieval_seconds", "chunks_with_passage", "retrievals")}}
+
+
+def stage_eval(run: Run, eval_text: str | None = None) -> dict:
+    """Perplexity of base, +kNN-LM, +MLP memory and +RAG on the test text, settings chosen on validation.
+
+    ``eval_text`` (an invocation option, never a run setting) scores that text instead of the
+    held-out test half; its report goes to ``eval_text/<text fingerprint>/``, never to ``eval/``.
+    """
     from .evaluate import build_eval_dir, evaluate_ppl, memory_dir_fingerprint
+
+    stage_train(run)
+    test_dir, token_path, start, n, identity, out = _test_text(run, eval_text)
+    if n < 2:
+        raise MLPMemError("the test text is empty: raise --max-heldout-tokens / --heldout-fraction or give --eval-text")
+    def base_pass():
+        return build_eval_dir(run.lm, token_path, n, test_dir, identity=identity, token_start=start,
+                              mem_site=run.cfg.datastore.mem_site, **_window_args(run))
+    base_pass() if eval_text else run.timed(EVAL_TEST, base_pass)  # an eval text's times stay out of the run's
+    retriever, rag_settings = _rag_setup(run)
+    mem_fp = memory_dir_fingerprint(run.path(MEMORY))
+    key = _eval_key(run, test_dir, mem_fp, rag_settings)
+    if is_complete(out) and read_json(out / "manifest.json").get("inputs") == key:
+        log(f"{out.name}: already complete")
+        return read_json(out / "ppl.json")
+    memory, knn = _load_memory_and_knn(run)
+    (out / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
+
+    def go():
+        rag = _rag_logprobs(run, retriever, rag_settings, test_dir, token_path) if retriever is not None else None
+        return evaluate_ppl(run.path(TUNE), test_dir, out, tokenizer=run.lm.tokenizer, memory=memory,
+                            memory_fingerprint=mem_fp, knn=knn, lambdas=run.cfg.eval.lambda_list(), rag=rag)
+    result = run.timed(EVAL, go) if not eval_text else go()
+    write_manifest(out, {"inputs": key, "report": "ppl.json", "text": eval_text or "held-out test half"})
+    return result
+
+
+def _load_memory_and_knn(run: Run):
     from .inference import KNNLM
     from .memory import MLPMemory
 
-    cfg = run.cfg
-    stage_train(run)
-    lm = run.lm
-    corpus = read_manifest(run.path(CORPUS), "corpus")
-    common = dict(key_site=cfg.key_site, mem_site=cfg.mem_site, block=cfg.block, stride=cfg.stride,
-                  batch_size=cfg.batch_size)
-    if cfg.eval_text:
-        from .corpus import tokenize_corpus
-
-        tdir = run.dir / "eval_text_tokens"
-        tm = tokenize_corpus(cfg.eval_text, lm.tokenizer, tdir, tokenizer_fingerprint=lm.tokenizer_fingerprint,
-                             heldout_fraction=0.0, text_field=cfg.text_field, skip_bad_utf8=cfg.skip_bad_utf8,
-                             cache_dir=cfg.cache_dir)
-        test_dir, token_path, start, n = run.dir / "eval_text", tdir / "train.i32", 0, tm["n_tokens"]["train"]
-        identity = {"corpus_fingerprint": tm["corpus_fingerprint"], "split": "eval-text"}
-    else:
-        n_held = corpus["n_tokens"]["heldout"]
-        test_dir, token_path, start, n = run.path(EVAL_TEST), run.path(CORPUS) / "heldout.i32", n_held // 2, n_held - n_held // 2
-        identity = {"corpus_fingerprint": corpus["corpus_fingerprint"], "split": "heldout-test"}
-    if n < 2:
-        raise MLPMemError("the test text is empty: raise --max-heldout-tokens / --heldout-fraction or give --eval-text")
-    run.timed(test_dir.name, lambda: build_eval_dir(lm, token_path, n, test_dir, identity=identity, token_start=start,
-                                                    **common))
-    retriever = None
-    rag_settings = None
-    if cfg.rag_ppl:
-        from .rag import BM25Retriever
-
-        retriever = run.timed(RAG_BM25, lambda: BM25Retriever.build_or_load(run))
-        rag_settings = {"retriever": "bm25", "retriever_fingerprint": retriever.fingerprint, "passages": len(retriever),
-                        "passage_tokens": cfg.rag_passage_tokens, "retrieve_every": cfg.rag_retrieve_every,
-                        "query_tokens": cfg.rag_query_tokens, "n_passages": 1}
     tg = read_manifest(run.path(TARGETS), "targets")
-    mem_fp = memory_dir_fingerprint(run.path(MEMORY))
-    # The cache key comes from manifests only: a finished eval must not load the index (GBs at scale).
-    key = sha256_json({"memory": mem_fp, "index": read_manifest(run.path(INDEX), "index"),
-                       "datastore": read_manifest(run.path(DATASTORE), "datastore"), "k": tg["k"],
-                       "T": tg["temperature"], "nprobe": cfg.nprobe, "valid": read_manifest(run.path(TUNE)),
-                       "test": read_manifest(test_dir), "lambdas": cfg.lambda_list(), "rag": rag_settings})
-    if is_complete(run.path(EVAL)) and read_json(run.path(EVAL) / "manifest.json").get("inputs") == key:
-        log("eval: already complete")
-        return read_json(run.path(EVAL) / "ppl.json")
-    memory = MLPMemory.from_pretrained(run.path(MEMORY), base=lm, device=lm.device)
+    memory = MLPMemory.from_pretrained(run.path(MEMORY), base=run.lm, device=run.lm.device)
     knn = KNNLM.from_dirs(run.path(INDEX), run.path(DATASTORE), k=int(tg["k"]), temperature=float(tg["temperature"]),
-                          nprobe=cfg.nprobe)
-    (run.path(EVAL) / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
-
-    def go():
-        rag = None
-        if retriever is not None:  # cached in the test eval dir: a re-run with other lambdas does not redo it
-            from .rag import cached_ralm_logprobs
-
-            lp, meta = cached_ralm_logprobs(test_dir, lm, retriever, token_path, retrieve_every=cfg.rag_retrieve_every,
-                                            query_tokens=cfg.rag_query_tokens, n_passages=1, batch_size=cfg.batch_size)
-            rag = {"logprob": lp, "settings": rag_settings, "seconds": meta.get("seconds"),
-                   "retrieval_seconds": meta.get("retrieval_seconds"), "chunks_with_passage": meta.get("chunks_with_passage"),
-                   "retrievals": meta.get("retrievals")}
-        return evaluate_ppl(run.path(TUNE), test_dir, run.path(EVAL), tokenizer=lm.tokenizer, memory=memory,
-                            memory_fingerprint=mem_fp, knn=knn, lambdas=cfg.lambda_list(), rag=rag)
-    result = run.timed(EVAL, go)
-    write_manifest(run.path(EVAL), {"inputs": key, "report": "ppl.json"})
-    return result
+                          nprobe=run.cfg.index.nprobe)
+    return memory, knn
 
 
 def run_all(run: Run) -> dict:
@@ -284,8 +321,8 @@ def summarize(run: Run) -> dict:
     systems = ev["test"]["systems"]
     sel = tg.get("temperature_selection") or {}
     results = {
-        "model": run.cfg.model,
-        "corpus": run.cfg.corpus,
+        "model": run.cfg.run.model,
+        "corpus": run.cfg.corpus.corpus,
         "tokens": corpus["n_tokens"],
         "datastore_rows": ds["n"],
         "key_site": ds["key_site"],

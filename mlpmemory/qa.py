@@ -80,9 +80,9 @@ class Options:
     qa_limit: int = opt(1000, "reported questions per group, in file order after removing dev and few-shot", "eval-qa")
     qa_dev: int = opt(200, "dev questions (hash-chosen, stratified over groups; at most half a group) for lambda",
                       "eval-qa")
-    few_shot: int = opt(4, "few-shot examples in the prompt (hash-chosen, disjoint from dev and reported). 4: on 30 NQ "
-                           "dev questions (SmolLM2-135M) 0-shot left 15 answers empty or malformed, 1/4/8 none; 4 had "
-                           "the best gold log-likelihood (-15.11 vs -15.14 / -15.37)", "eval-qa")
+    # 4 shots: on 30 NQ dev questions (SmolLM2-135M) 0-shot left 15 answers empty or malformed, 1/4/8 shots
+    # none; 4 had the best gold log-likelihood (-15.11 vs -15.14 / -15.37).
+    few_shot: int = opt(4, "few-shot examples in the prompt (hash-chosen, disjoint from dev and reported)", "eval-qa")
     qa_lambdas: str = opt("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "lambdas swept on dev", "eval-qa")
     qa_lambda_select: str = opt("loglik", "dev criterion: 'loglik' (gold-answer log-likelihood, one scoring pass) or "
                                           "'em' (generate on dev per lambda; ties -> smaller lambda)", "eval-qa",
@@ -340,7 +340,7 @@ def _component_fingerprints(run, systems: list[str], nprobe) -> dict:
     from .evaluate import memory_dir_fingerprint
 
     ds = read_manifest(run.path("datastore"), "datastore")
-    fps = {"model": run.cfg.model, "dtype": run.cfg.dtype, "model_fingerprint": ds.get("model_fingerprint"),
+    fps = {"model": run.cfg.run.model, "dtype": run.cfg.run.dtype, "model_fingerprint": ds.get("model_fingerprint"),
            "datastore": sha256_json(ds)}
     if "memory" in systems:
         fps["memory"] = memory_dir_fingerprint(run.path("memory"))
@@ -357,9 +357,9 @@ def main(run, opts: Options) -> None:
     t_start = time.perf_counter()
     opts.validate()
     systems = [s for s in SYSTEMS if s in opts.systems()]
-    default_name, raw, data_fp = load_data(opts.qa_data, run.cfg.cache_dir)
+    default_name, raw, data_fp = load_data(opts.qa_data, run.cfg.run.cache_dir)
     items = dedupe(raw)
-    groups = coverage_groups(items, run.path("corpus"), run.cfg.heldout_fraction)
+    groups = coverage_groups(items, run.path("corpus"), run.cfg.corpus.heldout_fraction)
     wanted = ["all"] if groups[:1] == ["all"] else [g for g in opts.groups() if g != "all"]
     shots_i, dev_i, reported_i = make_splits(items, groups, wanted, opts.qa_dev, opts.few_shot, opts.qa_limit)
     shots, dev = [items[i] for i in shots_i], [items[i] for i in dev_i]
@@ -369,7 +369,7 @@ def main(run, opts: Options) -> None:
                           "lower --qa-dev / --few-shot or choose other --qa-groups")
     out = run.dir / "qa" / (opts.qa_name or default_name)
     out.mkdir(parents=True, exist_ok=True)
-    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.nprobe
+    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.index.nprobe
     fps = _component_fingerprints(run, systems, nprobe)
     prompt_settings = {k: getattr(opts, k) for k in ("few_shot", "prompt_template", "chat", "qa_dev", "qa_groups")}
     common = {"version": _VERSION, "data": data_fp, "fingerprints": fps, "prompt": prompt_settings,

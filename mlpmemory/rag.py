@@ -16,7 +16,7 @@ Why it is built this way:
   ``manifest.json`` (written last) naming the corpus, tokenizer, passage length, bm25s version
   and tokenisation settings. A matching manifest makes :meth:`BM25Retriever.build_or_load` a
   load; any mismatch rebuilds (seconds), never silently reuses.
-- **In-context RALM perplexity (Ram et al. 2023; METHOD.md §2.9) on eval-ppl's exact tokens.**
+- **In-context RALM perplexity (Ram et al. 2023; docs/method.md#baselines) on eval-ppl's exact tokens.**
   :func:`ralm_logprobs` walks :func:`mlpmemory.corpus.sliding_windows` like the base pass and
   cuts each window's scored tokens into chunks of ``retrieve_every`` (s) tokens. For a chunk
   starting at token c0, the query is the last ``query_tokens`` (q) tokens before c0 inside the
@@ -25,7 +25,7 @@ Why it is built this way:
   before the context, and the chunk is scored. **Trimming:** the input is at most ``block``
   tokens; the oldest context tokens go first, but the query's q tokens and the chunk always
   stay, so a passage that does not fit in what is left is cut to its first tokens (never with
-  block 512, s = 64, q = 32, 256-token passages) and dropped when only the separator would fit.
+  block 512, s = 32, q = 32, 256-token passages) and dropped when only the separator would fit.
   With no passage a chunk sees exactly the base pass's context, so ``n_passages=0`` reproduces
   the base log-probs. Passages with BM25 score 0 (no query word in common) are not used.
 - **Batched, left-padded.** Chunk inputs are sorted by length and batched; shorter rows are
@@ -35,8 +35,8 @@ Why it is built this way:
   window), so batching only equal lengths would mostly run batches of one.
 - **Cost decides s.** Every retrieval is one forward of up to ``block`` tokens, so the +RAG pass
   costs about ``block / s`` times the base pass. The paper's s = 4 is out of reach on a CPU;
-  the default s = 64 (``--rag-retrieve-every``) keeps the quick preset's +RAG row near 2 CPU
-  minutes (s = 32 measured about twice that). Passages are re-tokenised from their text (what
+  the default s = 32 (``--rag-retrieve-every``) costs about ``block / 32`` base passes; a
+  larger s is cheaper and retrieves less often. Passages are re-tokenised from their text (what
   a reader of the prompt would feed the LM); with ``n_passages > 1`` they go best first.
 """
 
@@ -161,12 +161,12 @@ class BM25Retriever:
         """The run's retriever: loaded when ``<run>/rag_bm25`` matches the corpus and settings, else built."""
         out = run.path(RAG_DIR)
         corpus_dir = run.path("corpus")
-        want = _settings(read_manifest(corpus_dir, "corpus"), getattr(run.cfg, "rag_passage_tokens", 256))
+        want = _settings(read_manifest(corpus_dir, "corpus"), run.cfg.eval.rag_passage_tokens)
         if is_complete(out) and all(read_json(out / "manifest.json").get(k) == v for k, v in want.items()):
             return cls.load(out)
         lm = run.lm
         if lm.tokenizer_fingerprint != want["tokenizer_fingerprint"]:
-            raise MLPMemError(f"the corpus in {corpus_dir} was tokenized with another tokenizer than {run.cfg.model}'s; "
+            raise MLPMemError(f"the corpus in {corpus_dir} was tokenized with another tokenizer than {run.cfg.run.model}'s; "
                               "use the run's model or another --run-dir")
         return cls.build(corpus_dir, out, lm.tokenizer, passage_tokens=want["passage_tokens"])
 

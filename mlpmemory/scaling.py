@@ -152,7 +152,7 @@ def _train_size(run, ds, targets, mcfg, settings, out: Path, snapshots: list[flo
         return main_dir, read_json(main_dir / "manifest.json")
     if is_complete(out) and read_json(out / "manifest.json").get("training_fingerprint") == fp:
         return out, read_json(out / "manifest.json")
-    torch.manual_seed(run.cfg.seed)
+    torch.manual_seed(run.cfg.train.seed)
     memory = build_memory(run.lm, mcfg)
     log(f"scaling: training {mcfg.n_blocks} blocks ({memory.num_parameters():,} parameters) into {out}")
     inputs = OnlineInputs(run.lm, ds, run.path(CORPUS) / "train.i32") if settings.mode == "online" else None
@@ -204,7 +204,7 @@ def _score(mem: dict, lm_lp: dict, lambdas) -> dict:
 def _test_dir(run) -> Path:
     from .pipeline import EVAL_TEST
 
-    return run.dir / "eval_text" if run.cfg.eval_text else run.path(EVAL_TEST)
+    return run.path(EVAL_TEST)
 
 
 def main(run, opts: Options) -> None:
@@ -223,14 +223,14 @@ def main(run, opts: Options) -> None:
     lm = run.lm
     ds = pipeline.training_datastore(run)
     targets = open_targets(run.path(pipeline.TARGETS), ds.manifest)
-    epochs = float(opts.scaling_epochs if opts.scaling_epochs is not None else cfg.epochs)
+    epochs = float(opts.scaling_epochs if opts.scaling_epochs is not None else cfg.train.epochs)
     settings = pipeline.train_settings(cfg, epochs)
     out = Path(opts.scaling_out) if opts.scaling_out else run.dir / OUT_NAME
     site = ds.manifest["mem_site"]
     configs = {}
     for size in opts.sizes():
         kw = {"preset": size} if isinstance(size, str) else {"n_blocks": size}
-        mcfg = memory_config_for(lm, site, head_init=cfg.head_init, **kw)
+        mcfg = memory_config_for(lm, site, head_init=cfg.train.head_init, **kw)
         configs[mcfg.n_blocks] = mcfg
     if len(configs) < 2:
         raise MLPMemError(f"--scaling-blocks {opts.scaling_blocks!r} names fewer than two distinct sizes")
@@ -246,7 +246,7 @@ def main(run, opts: Options) -> None:
     vm, tm = read_manifest(valid_dir, "validation eval dir"), read_manifest(test_dir, "test eval dir")
     check_compatible(vm, tm, valid_dir, test_dir)
     eval_dirs = {"valid": valid_dir, "test": test_dir}
-    lambdas = cfg.lambda_list()
+    lambdas = cfg.eval.lambda_list()
     big_dir, big_manifest = trained[largest]
     snaps = {s["step"]: s for s in big_manifest.get("snapshots", [])}
     key = sha256_json({"trained": {n: [str(d), m.get("training_fingerprint")] for n, (d, m) in trained.items()},
@@ -293,7 +293,7 @@ def main(run, opts: Options) -> None:
 
     params = [s["params"] for s in sizes]
     result = {
-        "model": cfg.model, "run_dir": str(run.dir), "mem_site": site, "settings": {**asdict(settings)},
+        "model": cfg.run.model, "run_dir": str(run.dir), "mem_site": site, "settings": {**asdict(settings)},
         "validation_tokens": int(len(lm_lp["valid"])), "test_tokens": int(len(lm_lp["test"])),
         "valid_dir": str(valid_dir), "test_dir": str(test_dir), "lambdas": lambdas,
         "base": {"valid_ppl": perplexity(lm_lp["valid"]), "test_ppl": perplexity(lm_lp["test"])},

@@ -1,7 +1,7 @@
 """kNN target distributions: for every datastore row, the retriever's next-token distribution.
 
 For row t with key k_t we search k+1 neighbours, drop t itself, and set
-``p_kNN(v) = sum_i softmax_i(-d_i / T) * 1[v_i = v]`` over the k that remain (METHOD.md §2.4).
+``p_kNN(v) = sum_i softmax_i(-d_i / T) * 1[v_i = v]`` over the k that remain (docs/method.md#knn-targets).
 
 Why it is written this way:
 

@@ -59,7 +59,7 @@ class TrainSettings:
 
 
 def lr_at(step: int, total: int, s: TrainSettings) -> float:
-    """Linear warmup then linear decay to zero (METHOD.md §2.7)."""
+    """Linear warmup then linear decay to zero (docs/method.md#training)."""
     warm = max(1, int(round(s.warmup * total)))
     if step < warm:
         return s.lr * (step + 1) / warm

@@ -300,7 +300,7 @@ def test_memory_overfits_a_small_target_set():
 
 
 def test_parity_preset_reproduces_the_papers_gpt2_memories():
-    """METHOD.md §2.5: parity with GPT-2 small/medium/large means 18/36/54 blocks (shapes only, meta device)."""
+    """The paper's GPT-2 memories: parity with GPT-2 small/medium/large means 18/36/54 blocks (shapes only, meta device)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mlpmemory.models import LoadedModel

@@ -1,0 +1,260 @@
+"""Files: atomic writes, raw arrays, hashes, manifests and locks, shared by every stage.
+
+- **Atomic writes.** Everything a later run trusts is written under a temporary name next to
+  its final path, flushed to disk (``fsync``), then renamed over it: readers see the old file or
+  the complete new one, never a half-written file. :func:`atomic_path` does this for anything a
+  library writes itself (FAISS, safetensors, a whole folder); the ``atomic_write_*`` helpers
+  cover JSON, text, bytes and arrays.
+- **Manifests last.** Every stage directory holds a ``manifest.json``, written last, carrying
+  ``"complete": true`` only when every file of the stage is final, so a half-written stage never
+  looks complete. Loading compares the fields that must agree (model fingerprint, tokenizer,
+  capture site, dims, corpus hash ...) and refuses with a one-line error naming the first
+  mismatch.
+- **Locks.** Two processes building the same stage (or downloading the same file) would write
+  the same files: :func:`file_lock` / :func:`stage_lock` make the second one wait, saying so,
+  or give up after ``timeout`` seconds with an :class:`MLPMemError` naming the lock file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from . import __version__
+from .errors import MLPMemError
+
+MANIFEST = "manifest.json"
+logger = logging.getLogger("mlpmemory")
+
+__all__ = [
+    "MANIFEST", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+    "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "read_json", "write_manifest",
+    "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
+    "file_lock", "stage_lock", "lock_path",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | os.PathLike, recursive: bool = True) -> None:
+    """Flush a file, or a folder (with every file below it unless not ``recursive``), to disk."""
+    path = Path(path)
+    if recursive and path.is_dir():
+        for child in sorted(path.iterdir()):
+            fsync_path(child)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write (a file or a folder); renamed to ``path`` on success.
+
+    On an exception the temporary is removed and ``path`` is left as it was. An existing *folder*
+    at ``path`` cannot be replaced by a rename: remove it first (or swap it, as checkpoints do).
+    Temporaries are named ``<name>.tmp<pid>``, so a stage can sweep a killed run's leftovers
+    with ``glob("<name>.tmp*")``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_path(path.parent, recursive=False)  # the rename itself
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes so that readers see either the old file or the complete new one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON (indented, sorted keys, final newline) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_array(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """Write a ``.npy`` file (no pickle) atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def write_raw_array(path: str | os.PathLike, arr: np.ndarray, dtype) -> None:
+    """Write ``arr`` as raw little-endian C-order bytes of ``dtype`` (no header), atomically."""
+    data = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    with atomic_path(path) as tmp:
+        data.tofile(tmp)
+
+
+def read_raw_array(path: str | os.PathLike, dtype, shape: tuple[int, ...], what: str = "array") -> np.ndarray:
+    """A read-only memmap of a raw array written by :func:`write_raw_array`, its size checked first."""
+    dtype = np.dtype(dtype)
+    check_file_size(path, int(np.prod(shape)) * dtype.itemsize, what)
+    if not shape or shape[0] == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON, manifests, checks
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MLPMemError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise MLPMemError(f"{path} is not valid JSON ({e}); delete the stage directory and rebuild it") from None
+
+
+def write_manifest(stage_dir: str | os.PathLike, fields: dict, complete: bool = True) -> dict:
+    data = dict(fields)
+    data["complete"] = bool(complete)
+    data["package_version"] = __version__
+    atomic_write_json(Path(stage_dir) / MANIFEST, data)
+    return data
+
+
+def read_manifest(stage_dir: str | os.PathLike, what: str = "artifact") -> dict:
+    """The manifest of a finished stage, or a clear error if it is missing or unfinished."""
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        raise MLPMemError(f"{what} at {stage_dir} has no {MANIFEST}: build it first")
+    data = read_json(path)
+    if not data.get("complete"):
+        raise MLPMemError(f"{what} at {stage_dir} is incomplete (interrupted?); re-run its stage to finish it")
+    return data
+
+
+def is_complete(stage_dir: str | os.PathLike) -> bool:
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        with open(path) as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_fields(found: dict, expected: dict, keys: Iterable[str], what: str) -> None:
+    """Refuse when a stored artifact was produced with different settings than the current ones."""
+    for key in keys:
+        if key not in expected:
+            continue
+        if found.get(key) != expected[key]:
+            raise MLPMemError(
+                f"{what} was built with {key}={found.get(key)!r} but now {key}={expected[key]!r}; "
+                f"use a different --run-dir or delete {what} to rebuild it"
+            )
+
+
+def check_file_size(path: str | os.PathLike, expected_bytes: int, what: str) -> None:
+    """Detect truncated or padded binary files before they are memory-mapped."""
+    path = Path(path)
+    if not path.exists():
+        raise MLPMemError(f"{what}: {path} is missing")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise MLPMemError(
+            f"{what}: {path} has {size} bytes but its manifest says {expected_bytes}; "
+            "the file is truncated or corrupted, rebuild the stage"
+        )
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks
+# ---------------------------------------------------------------------------------------------
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file guarding ``target``: a hidden ``.<name>.lock`` beside it (never inside it)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, what: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` (a ``filelock.FileLock``) while the block runs.
+
+    Another process holding it makes this one wait, with a log line saying so; with ``timeout``
+    (seconds) it gives up with a one-line :class:`MLPMemError` naming the lock file. The lock is
+    released when the holder exits, even on ``kill -9`` (it is an OS lock, not the file's presence).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        limit = "" if timeout is None else f" (up to {timeout:g} s)"
+        logger.warning(f"{what}: waiting for another process that holds {path}{limit}")
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise MLPMemError(f"{what} is being built by another process (lock {path} still held after "
+                              f"{timeout:g} s); wait for it to finish, or delete {path} if no such process "
+                              "is running") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def stage_lock(stage_dir: str | os.PathLike, timeout: float | None = None, what: str | None = None):
+    """The lock of one stage directory (``<run_dir>/.<stage>.lock``); see :func:`file_lock`."""
+    return file_lock(lock_path(stage_dir), what or f"stage {stage_dir}", timeout)

@@ -1,0 +1,127 @@
+"""The skeleton every stage follows: identity -> already complete? -> resume? -> build -> manifest last.
+
+A stage (corpus, datastore, index, targets, memory) lives in one directory and is described by
+its *identity*: the settings and input fingerprints that must match for an existing build to be
+reused. :func:`run_stage` is the whole protocol:
+
+1. a complete build with the same identity is returned as it is (nothing is read or locked);
+2. a complete build with another identity is refused with a one-line error naming the first
+   differing setting (use another ``--run-dir`` or delete the directory), or rebuilt where the
+   stage says so (``on_mismatch="rebuild"``);
+3. otherwise the stage's lock is taken (a second process waits, or gives up after ``timeout``),
+   the check is repeated (the other process may have finished it meanwhile), and ``build`` runs;
+   a partial build resumes from the progress record it saved with :meth:`Stage.save_progress`
+   when that record has the same identity (:meth:`Stage.resume`);
+4. the manifest is written last, so an interrupted build never looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import MLPMemError
+from .io import MANIFEST, atomic_write_json, is_complete, read_json, stage_lock, write_manifest
+
+
+class Stage:
+    """One stage directory and the identity its artifacts must have.
+
+    ``view`` maps a manifest to the dict compared with ``identity`` (default: the manifest's top
+    level); keys in ``ignore`` are not compared for a complete build (e.g. a batch size that does
+    not change the result but does change how a partial build resumes).
+    """
+
+    def __init__(self, directory: str | os.PathLike, identity: dict, what: str, *,
+                 view: Callable[[dict], dict] | None = None, ignore: tuple[str, ...] = (),
+                 on_mismatch: str = "error", timeout: float | None = None):
+        if on_mismatch not in ("error", "rebuild"):
+            raise ValueError(f"on_mismatch must be 'error' or 'rebuild', got {on_mismatch!r}")
+        self.dir, self.identity, self.what = Path(directory), dict(identity), what
+        self.view, self.ignore = view or (lambda m: m), tuple(ignore)
+        self.on_mismatch, self.timeout = on_mismatch, timeout
+
+    def difference(self, found: dict, compare: dict | None = None) -> str | None:
+        """``"key=old but now key=new"`` for the first differing key, or None when all match."""
+        compare = self.identity if compare is None else compare
+        for key, value in compare.items():
+            if key not in self.ignore or compare is not self.identity:
+                if found.get(key) != value:
+                    return f"{key}={found.get(key)!r} but now {key}={value!r}"
+        return None
+
+    def mismatch_error(self, diff: str, where: str = "") -> MLPMemError:
+        return MLPMemError(f"{self.what} at {self.dir}{where} was built with {diff}; "
+                           f"use a different --run-dir or delete {self.dir} to rebuild it")
+
+    def done(self) -> dict | None:
+        """The manifest of a complete build with this identity; None when there is none (or it is to be rebuilt)."""
+        if not is_complete(self.dir):
+            return None
+        manifest = read_json(self.dir / MANIFEST)
+        diff = self.difference(self.view(manifest))
+        if diff is None:
+            return manifest
+        if self.on_mismatch == "error":
+            raise self.mismatch_error(diff)
+        print(f"[mlpmemory] {self.what} at {self.dir} was built with {diff}; rebuilding it", file=sys.stderr)
+        return None
+
+    def resume(self, name: str, key: str = "settings", compare: dict | None = None,
+               restart: bool = True) -> dict | None:
+        """The progress record ``name`` of a partial build, when its ``key`` equals the identity.
+
+        A record of another identity is dropped (``restart``: start over, with a note) or refused.
+        """
+        path = self.dir / name
+        if not path.exists():
+            return None
+        record = read_json(path)
+        compare = self.identity if compare is None else compare
+        diff = self.difference({k: (record.get(key) or {}).get(k) for k in compare}, compare)
+        if diff is None:
+            return record
+        if not restart:
+            raise self.mismatch_error(diff, f" (unfinished: {name})")
+        print(f"[mlpmemory] {self.dir}: settings changed since the interrupted build; starting over", file=sys.stderr)
+        return None
+
+    def save_progress(self, name: str, state: dict, key: str = "settings", compare: dict | None = None) -> None:
+        """Record how far a partial build got, with the identity it was made with (atomically)."""
+        atomic_write_json(self.dir / name, {**state, key: self.identity if compare is None else compare})
+
+    def finish(self, fields: dict) -> dict:
+        """Write the manifest: the last file of the stage."""
+        return write_manifest(self.dir, fields)
+
+    def lock(self):
+        return stage_lock(self.dir, self.timeout, f"{self.what} at {self.dir}")
+
+
+def run_stage(stage: Stage, build: Callable[[], dict | None],
+              verify: Callable[[dict], bool] | None = None) -> dict:
+    """Return the stage's finished manifest, building (or resuming) it under the stage lock first if needed.
+
+    ``build`` writes the stage's files and returns the manifest fields (None: it stopped early
+    without finishing, and ``{}`` is returned). ``verify`` may look at a complete, matching build
+    and return False to have it rebuilt (e.g. a truncated file).
+    """
+    found = _reusable(stage, verify)
+    if found is not None:
+        return found
+    with stage.lock():
+        found = _reusable(stage, verify)  # another process may have finished it while we waited
+        if found is not None:
+            return found
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        fields = build()
+        return {} if fields is None else stage.finish(fields)
+
+
+def _reusable(stage: Stage, verify) -> dict | None:
+    found = stage.done()
+    if found is not None and verify is not None and not verify(found):
+        return None
+    return found
