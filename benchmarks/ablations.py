@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from mlpmemory.capture import CaptureSite, resolve_site
+from mlpmemory.config import defaults, flatten
 from mlpmemory.datastore import build_datastore, open_datastore
 from mlpmemory.errors import MLPMemError
 from mlpmemory.evaluate import build_eval_dir, choose, json_safe, memory_dir_fingerprint, perplexity, sweep
@@ -203,7 +204,9 @@ def run_ablations(args) -> dict:
     run = Path(args.run_dir)
     if not (run / "config.json").exists():
         raise MLPMemError(f"{run} has no config.json: give a run directory produced by `mlpmem run`")
-    cfg = read_json(run / "config.json")
+    # config.json is nested by settings group ({"train": {"alpha": ...}}); older runs saved it flat.
+    # Either way, read it as one flat dict over the current defaults.
+    cfg = {**defaults(), **flatten(read_json(run / "config.json"), f"{run}/config.json")}
     progress = not args.quiet
     abl = run / ABLATIONS
     out_path = Path(args.out) if args.out else abl / "ablations.json"

@@ -1,5 +1,11 @@
 """Mixing a base LM with a second next-token distribution: the MLP memory, or a kNN retriever.
 
+The one home of the components' log-probs and of mixing: :func:`mix_logprobs` (and
+:func:`mix_with_lm`, the mixing step applied to base-LM logits), :func:`memory_logprobs` /
+:func:`memory_token_logprobs`, :func:`knn_dense_logprobs`, and :func:`mixing_hook`, the forward
+hook that ``generate`` and the benchmarks install. :class:`MemoryAugmentedLM`, the eval-dir caches
+(:mod:`mlpmemory.evaluate`) and the systems (:mod:`mlpmemory.systems`) all call these.
+
 Why it is written this way:
 
 - **Mixing happens in log space.** ``log p = logaddexp(log(1-lam) + log p_LM, log(lam) + log q)``
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -64,6 +71,20 @@ def mix_logprobs(lm_logp, other_logp, lam):
     return np.logaddexp(np.asarray(lm_logp) + a, np.asarray(other_logp) + b)
 
 
+def mix_with_lm(lm_logits, other_logp, lam):
+    """The mixing step on a base LM's raw ``logits``: their float32 log-softmax mixed with ``other_logp``.
+
+    Shared by :meth:`MemoryAugmentedLM.forward` and :func:`mixing_hook`. At ``lam = 0`` the result is
+    exactly the base log-softmax (``other_logp`` is not read and may be None).
+    """
+    return mix_logprobs(torch.log_softmax(lm_logits.float(), dim=-1), other_logp, lam)
+
+
+def section(timer, name: str):
+    """``timer.section(name)`` (a :class:`mlpmemory.generation.StageTimer`), or nothing without a timer."""
+    return timer.section(name) if timer is not None else nullcontext()
+
+
 def _module_device_dtype(module: torch.nn.Module, fallback_device=None) -> tuple[torch.device, torch.dtype | None]:
     for p in module.parameters():
         return p.device, (p.dtype if p.is_floating_point() else None)
@@ -75,6 +96,101 @@ def memory_logprobs(memory: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
     device, dtype = _module_device_dtype(memory, hidden.device)
     logits = memory(hidden.to(device=device, dtype=dtype or hidden.dtype))
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def memory_token_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, targets) -> torch.Tensor:
+    """log p_MLP(target) (float32, (N,), on the memory's device) of N hidden states and their N targets."""
+    try:
+        q = memory_logprobs(memory, hidden)
+    except RuntimeError as err:
+        raise MLPMemError(f"the memory cannot read these inputs (width {hidden.shape[-1]}): "
+                          f"{str(err).splitlines()[0]}") from None
+    tgt = torch.as_tensor(targets, dtype=torch.int64).to(q.device)
+    if len(tgt) and q.shape[-1] <= int(tgt.max()):
+        raise MLPMemError(f"the memory predicts {q.shape[-1]} tokens but the text holds id {int(tgt.max())}; "
+                          "use a memory trained for this base LM")
+    return q.gather(-1, tgt[:, None])[:, 0]
+
+
+def memory_dense_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, vocab: int, timer=None) -> torch.Tensor:
+    """Dense log p_MLP (float32, (N, V)) of N hidden states, checked against the base LM's vocabulary."""
+    with section(timer, "memory_forward"):
+        q = memory_logprobs(memory, hidden)
+    if q.shape[-1] != vocab:
+        raise MLPMemError(f"the memory gives {q.shape[-1]} log-probs per position but the base LM {vocab}; "
+                          "the memory's vocabulary must equal the base LM's")
+    return q
+
+
+def knn_dense_logprobs(knn, hidden: torch.Tensor, vocab: int, timer=None) -> torch.Tensor:
+    """Dense log p_kNN (float32, (N, V), -inf where no neighbour has the token) on ``hidden``'s device."""
+    with section(timer, "search"):
+        dists, ids = knn.search(hidden)
+    with section(timer, "distribution"):
+        offsets, toks, probs = knn.distribution(dists, ids)
+        if len(toks) and int(toks.max()) >= vocab:
+            raise MLPMemError(f"the datastore holds token id {int(toks.max())} but the model's vocabulary has {vocab}; "
+                              "the kNN-LM belongs to another tokenizer")
+        n = len(offsets) - 1
+        rows = torch.from_numpy(np.repeat(np.arange(n), np.diff(offsets))).to(hidden.device)
+        dense = torch.zeros(n, vocab, dtype=torch.float32, device=hidden.device)
+        dense.index_put_((rows, torch.from_numpy(np.asarray(toks, np.int64)).to(hidden.device)),
+                         torch.from_numpy(np.asarray(probs, np.float32)).to(hidden.device), accumulate=True)
+        return dense.log()
+
+
+def resolve_input_site(model, spec):
+    """:func:`mlpmemory.capture.resolve_site`, with an error that names the likely cause."""
+    from .capture import resolve_site
+
+    try:
+        return resolve_site(model, spec)
+    except (IndexError, KeyError) as e:  # e.g. "model.layers.40.mlp" on a 30-layer model
+        raise MLPMemError(f"model {type(model).__name__} has no module {spec!r} ({e}); the memory or datastore "
+                          "was built on another base LM, or pass input_site= explicitly") from None
+
+
+@contextmanager
+def mixing_hook(model, site_spec, component, lam: float, timer=None):
+    """While active, every forward of the HF causal LM ``model`` returns ``logits`` replaced by the
+    mixed log-probabilities (float32) at the positions the model returned logits for.
+
+    ``component(hidden (N, d), vocab, timer)`` gives the other distribution's dense log-probs
+    ``(N, V)`` from the input of the module ``site_spec``, captured in the same forward (popped:
+    a stale state is never reused). Only the positions HF asked logits for are computed.
+    """
+    from .capture import capture_inputs
+
+    site = resolve_input_site(model, site_spec)
+
+    def replace_logits(module, args, kwargs, output):
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if logits is None:
+            return output
+        hidden = captured.pop(site.module_path, None)
+        if hidden is None:
+            raise MLPMemError(f"the base LM never called {site.module_path} in this forward; the memory's input site "
+                              "does not belong to this model")
+        n_pos = logits.shape[1]
+        if hidden.shape[1] < n_pos:
+            raise MLPMemError(f"the model returned logits for {n_pos} positions but {site.module_path} saw only "
+                              f"{hidden.shape[1]}")
+        b, vocab = logits.shape[0], logits.shape[-1]
+        h = hidden[:, hidden.shape[1] - n_pos:].reshape(b * n_pos, hidden.shape[-1])  # only where logits are wanted
+        q = component(h, vocab, timer).to(logits.device)
+        with section(timer, "mixing"):
+            mixed = mix_with_lm(logits, q.reshape(b, n_pos, vocab), lam)
+        if hasattr(output, "logits"):
+            output.logits = mixed
+            return output
+        return (mixed, *output[1:])
+
+    with capture_inputs(model, [site]) as captured:
+        handle = model.register_forward_hook(replace_logits, with_kwargs=True)
+        try:
+            yield model
+        finally:
+            handle.remove()
 
 
 def memory_input_module(memory) -> str:
@@ -100,8 +216,6 @@ class MemoryAugmentedLM(torch.nn.Module):
 
     def __init__(self, base, memory: torch.nn.Module, lam: float | None = None, input_site=None):
         super().__init__()
-        from .capture import resolve_site
-
         self.base = getattr(base, "model", base) if not isinstance(base, torch.nn.Module) else base
         self.memory = memory
         if lam is None:
@@ -109,12 +223,7 @@ class MemoryAugmentedLM(torch.nn.Module):
             if lam is None:
                 raise MLPMemError("no lambda given and the memory has no config.lambda_default; pass lam=")
         self.lam = _check_lambda(lam)
-        spec = input_site if input_site is not None else memory_input_module(memory)
-        try:
-            self.site = resolve_site(self.base, spec)
-        except (IndexError, KeyError) as e:  # e.g. "model.layers.40.mlp" on a 30-layer model
-            raise MLPMemError(f"model {type(self.base).__name__} has no module {spec!r} ({e}); the memory was "
-                              "trained on another base LM, or pass input_site= explicitly") from None
+        self.site = resolve_input_site(self.base, input_site if input_site is not None else memory_input_module(memory))
 
     def memory_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         """log-softmax (float32) of the memory's logits on hidden states from the input site."""
@@ -131,18 +240,16 @@ class MemoryAugmentedLM(torch.nn.Module):
 
         with capture_inputs(self.base, [self.site]) as cap:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        lm_logp = torch.log_softmax(out.logits.float(), dim=-1)
-        if self.lam == 0.0:
-            mixed = lm_logp
-        else:
+        mem_logp = None
+        if self.lam != 0.0:
             if self.site.module_path not in cap:
                 raise MLPMemError(f"the base LM never called {self.site.module_path}; the memory's input site does "
                                   "not belong to this model")
-            mem_logp = self.memory_logprobs(cap[self.site.module_path]).to(lm_logp.device)
-            if mem_logp.shape != lm_logp.shape:
-                raise MLPMemError(f"memory gives {tuple(mem_logp.shape)} log-probs but the base LM {tuple(lm_logp.shape)}; "
-                                  "the memory's vocabulary must equal the base LM's")
-            mixed = mix_logprobs(lm_logp, mem_logp, self.lam)
+            mem_logp = self.memory_logprobs(cap[self.site.module_path]).to(out.logits.device)
+            if mem_logp.shape != out.logits.shape:
+                raise MLPMemError(f"memory gives {tuple(mem_logp.shape)} log-probs but the base LM "
+                                  f"{tuple(out.logits.shape)}; the memory's vocabulary must equal the base LM's")
+        mixed = mix_with_lm(out.logits, mem_logp, self.lam)
         return (mixed, out) if return_base_output else mixed
 
 

@@ -37,7 +37,7 @@ logger = logging.getLogger("mlpmemory")
 
 __all__ = [
     "MANIFEST", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-    "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "read_json", "write_manifest",
+    "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "remove_path", "read_json", "write_manifest",
     "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
     "file_lock", "stage_lock", "lock_path",
 ]
@@ -48,7 +48,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete a file or a folder tree, if it exists."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -85,13 +87,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
     fsync_path(path.parent, recursive=False)  # the rename itself
 

@@ -14,10 +14,11 @@ Run directory layout::
     <run_dir>/targets/         sparse kNN target distributions, in shards
     <run_dir>/memory/          the trained MLP memory (config.json + model.safetensors) and checkpoint
     <run_dir>/rag_bm25/        BM25 index over the datastore's documents (the +RAG baseline)
-    <run_dir>/eval_test/       base-LM pass over the test half of the held-out split (or --eval-text),
-                               plus rag_logprob.f32 (+RAG log-probs of the same tokens)
+    <run_dir>/eval_test/       base-LM pass over the test half of the held-out split, plus
+                               rag_logprob.f32 (+RAG log-probs of the same tokens)
     <run_dir>/eval/            ppl.json + ppl_validation.png (perplexity of every system, lambda sweep)
-    <run_dir>/results.json     the main job's summary
+    <run_dir>/eval_text/<fp>/  `eval-ppl --eval-text`: the same report on another text (test/ + ppl.json)
+    <run_dir>/results.json     the main job's summary (never written by an --eval-text invocation)
 
 The held-out split is cut in two halves by position: the first half (``validation``) is where
 settings such as T and lambda are chosen; the second half (``test``) is only ever reported on.

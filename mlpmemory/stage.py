@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MLPMemError
-from .io import MANIFEST, atomic_write_json, is_complete, read_json, stage_lock, write_manifest
+from .io import MANIFEST, atomic_write_json, is_complete, read_json, remove_path, stage_lock, write_manifest
 
 
 class Stage:
@@ -43,13 +43,11 @@ class Stage:
         self.view, self.ignore = view or (lambda m: m), tuple(ignore)
         self.on_mismatch, self.timeout = on_mismatch, timeout
 
-    def difference(self, found: dict, compare: dict | None = None) -> str | None:
-        """``"key=old but now key=new"`` for the first differing key, or None when all match."""
-        compare = self.identity if compare is None else compare
-        for key, value in compare.items():
-            if key not in self.ignore or compare is not self.identity:
-                if found.get(key) != value:
-                    return f"{key}={found.get(key)!r} but now {key}={value!r}"
+    def difference(self, found: dict, compare: dict | None = None, ignore: tuple[str, ...] = ()) -> str | None:
+        """``"key=old but now key=new"`` for the first key of ``compare`` (default: the identity) that differs."""
+        for key, value in (self.identity if compare is None else compare).items():
+            if key not in ignore and found.get(key) != value:
+                return f"{key}={found.get(key)!r} but now {key}={value!r}"
         return None
 
     def mismatch_error(self, diff: str, where: str = "") -> MLPMemError:
@@ -61,7 +59,7 @@ class Stage:
         if not is_complete(self.dir):
             return None
         manifest = read_json(self.dir / MANIFEST)
-        diff = self.difference(self.view(manifest))
+        diff = self.difference(self.view(manifest), ignore=self.ignore)
         if diff is None:
             return manifest
         if self.on_mismatch == "error":
@@ -79,8 +77,7 @@ class Stage:
         if not path.exists():
             return None
         record = read_json(path)
-        compare = self.identity if compare is None else compare
-        diff = self.difference({k: (record.get(key) or {}).get(k) for k in compare}, compare)
+        diff = self.difference(record.get(key) or {}, compare)
         if diff is None:
             return record
         if not restart:
@@ -99,6 +96,11 @@ class Stage:
     def lock(self):
         return stage_lock(self.dir, self.timeout, f"{self.what} at {self.dir}")
 
+    def sweep_temporaries(self) -> None:
+        """Remove the ``*.tmp*`` leftovers of a killed build (only while holding the lock)."""
+        for leftover in sorted(self.dir.glob("*.tmp*")):
+            remove_path(leftover)
+
 
 def run_stage(stage: Stage, build: Callable[[], dict | None],
               verify: Callable[[dict], bool] | None = None) -> dict:
@@ -116,6 +118,7 @@ def run_stage(stage: Stage, build: Callable[[], dict | None],
         if found is not None:
             return found
         stage.dir.mkdir(parents=True, exist_ok=True)
+        stage.sweep_temporaries()
         fields = build()
         return {} if fields is None else stage.finish(fields)
 

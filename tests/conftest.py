@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny real tokenizers and models built offline (no hub), synthetic text."""
+"""Shared fixtures: tiny real tokenizers and models built offline (no hub), and one tiny finished run.
+
+Helpers live in ``helpers.py`` (test modules import them from there, never from this file).
+"""
 
 from __future__ import annotations
 
@@ -10,92 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-WORDS = ("the of and to in a is was for on as by with he at from his an were are which this be "
-         "river city king war army music film team game school north south church station album "
-         "paris london france river born died played wrote built won located capital island").split()
-
-
-def synthetic_text(n_words: int, seed: int = 0) -> str:
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n_words):
-        out.append(rng.choice(WORDS))
-        if i % 12 == 11:
-            out.append(".")
-    return " ".join(out)
-
-
-def write_docs(path, n_docs: int, n_words: int = 60, seed0: int = 0) -> list[str]:
-    """A JSONL corpus of ``n_docs`` synthetic documents (``text`` + ``title``); returns the texts."""
-    import json
-
-    texts = [synthetic_text(n_words, seed=seed0 + i) for i in range(n_docs)]
-    with open(path, "w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"text": t, "title": f"doc{i}"}) + "\n")
-    return texts
-
-
-def tiny_run_args(run_dir, model_path, corpus, *extra) -> list[str]:
-    """CLI flags for a whole pipeline run on a tiny model in seconds (later flags override earlier ones)."""
-    return ["--run-dir", str(run_dir), "--model", str(model_path), "--corpus", str(corpus), "--dtype", "float32",
-            "--device", "cpu", "--block", "32", "--stride", "16", "--batch-size", "4", "--tune-tokens", "128",
-            "--heldout-fraction", "0.3", "--k", "8", *extra]
-
-
-def make_tiny_tokenizer(path) -> "PreTrainedTokenizerFast":  # noqa: F821
-    """A byte-level BPE tokenizer (vocab ~300) trained on synthetic text, saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([synthetic_text(2000, s) for s in range(5)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
-    fast.save_pretrained(str(path))
-    return fast
+from helpers import make_tiny_model, make_tiny_tokenizer, tiny_run_args, write_docs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
-
-
-def make_tiny_model(kind: str, tokenizer, seed: int = 0, save_to=None):
-    """A randomly initialised tiny causal LM ("llama" or "gpt2"), wrapped like a loaded model."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from mlpmemory.models import LoadedModel, model_fingerprint, tokenizer_fingerprint
-
-    torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-        model = LlamaForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
-    model.eval().requires_grad_(False)
-    path = ""
-    if save_to is not None:
-        model.save_pretrained(str(save_to))
-        tokenizer.save_pretrained(str(save_to))
-        path = str(save_to)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=path or f"tiny-{kind}", path=path,
-                       fingerprint=model_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                       device=torch.device("cpu"), dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +29,16 @@ def tiny_llama(tiny_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_tokenizer, tmp_path_factory):
     return make_tiny_model("gpt2", tiny_tokenizer, save_to=tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama):
+    """One finished tiny run (`mlpmem run` on 40 synthetic documents, a 2-block memory), shared by every
+    test that only reads a run or adds its own outputs to it (generate, bench)."""
+    from mlpmemory.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_docs(root / "docs.jsonl", 40)
+    run_dir = root / "run"
+    assert main(["run", *tiny_run_args(run_dir, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]) == 0
+    return run_dir

@@ -6,22 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_run_args, write_docs
+
 from mlpmemory import bench
 from mlpmemory.cli import main
 
 TINY = ["--bench-prompts", "2", "--bench-prompt-tokens", "12", "--bench-decode-tokens", "4", "--bench-repeats", "2",
         "--bench-k", "16", "--bench-nprobe", "4", "--bench-rag-n", "2", "--bench-sizes", "300,1000000",
         "--bench-threads", "1"]  # one thread: the CI box is shared, and spinning OpenMP threads crawl
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("bench")
-    write_docs(root / "docs.jsonl", 24)
-    run = root / "run"
-    assert main(["run", *tiny_run_args(run, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]) == 0
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import synthetic_text, tiny_run_args, write_docs
+from helpers import synthetic_text, tiny_run_args, write_docs
 from mlpmemory.cli import main
 
 

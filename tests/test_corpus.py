@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 from mlpmemory.corpus import (Document, iter_documents, load_nq_questions, open_token_stream,
                               read_document_index, sliding_windows, split_of, tokenize_corpus)
 from mlpmemory.errors import MLPMemError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_text, tiny_run_args, write_docs
+from helpers import synthetic_text
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.cli import main
 from mlpmemory.errors import MLPMemError
@@ -234,16 +234,6 @@ def test_score_continuations_batched_equals_unbatched_and_hand_computation(tiny_
 
 
 # -- the CLI --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("genrun")
-    write_docs(root / "docs.jsonl", 40)
-    run_dir = root / "run"
-    argv = ["run", *tiny_run_args(run_dir, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]
-    assert main(argv) == 0
-    return run_dir
 
 
 @pytest.mark.parametrize("system", ["base", "memory", "knn_lm"])

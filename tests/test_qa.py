@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import tiny_run_args, write_docs
+from helpers import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.errors import MLPMemError
 from mlpmemory.qa import (SYSTEMS, Options, continuation, coverage_groups, dedupe, exact_match_score, f1_score,

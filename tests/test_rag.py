@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import synthetic_text
 from mlpmemory.config import make_config
 from mlpmemory.corpus import open_token_stream, read_document_index, sliding_windows, tokenize_corpus
 from mlpmemory.evaluate import build_eval_dir
@@ -121,7 +121,7 @@ def test_build_or_load_is_a_noop_then_rebuilds_on_change_without_pickle(tmp_path
                 for line in p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]:
                     json.loads(line)
 
-    run.cfg.rag_passage_tokens = 16  # another passage length: rebuilt
+    run.cfg.eval.rag_passage_tokens = 16  # another passage length: rebuilt
     small = BM25Retriever.build_or_load(run)
     assert small.manifest["passage_tokens"] == 16 and len(small) > len(first)
     assert small.fingerprint != first.fingerprint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_run_args, write_docs
+from helpers import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.datastore import open_datastore
 from mlpmemory.memory import MLPMemory, MLPMemoryConfig, count_parameters
