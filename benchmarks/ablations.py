@@ -252,9 +252,9 @@ def run_ablations(args) -> dict:
     settings = TrainSettings(alpha=float(cfg["alpha"]), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]),
                              warmup=float(cfg["warmup"]),
                              epochs=float(args.epochs if args.epochs is not None else cfg["epochs"]),
-                             batch_rows=int(cfg["train_batch"]), grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]),
+                             train_batch=int(cfg["train_batch"]), grad_clip=float(cfg["grad_clip"]), seed=int(cfg["seed"]),
                              val_rows=int(cfg["val_rows"]), checkpoint_every=int(cfg["checkpoint_every"]),
-                             mode="offline")
+                             train_mode="offline")
     sizing = ({"n_blocks": cfg["memory_blocks"]} if cfg.get("memory_blocks") else
               {"param_ratio": cfg["memory_param_ratio"]} if cfg.get("memory_param_ratio") else
               {"preset": cfg.get("memory_preset") or "small"})

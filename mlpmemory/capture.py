@@ -3,8 +3,8 @@
 Why the FFN input: the kNN-LM convention keys the datastore on the input of the last layer's
 feed-forward block (after its pre-FFN norm; docs/method.md#datastore), and the MLP Memory reads
 the same kind of state (by default at the same site, ``last``; the paper used ~70% depth). Both
-are the *input* of a module every architecture has (the layer's MLP), so one forward pre-hook on that module captures them exactly, in any family,
-without copying modelling code.
+are the *input* of a module every architecture has (the layer's MLP), so one forward pre-hook on
+that module captures them exactly, in any family, without copying modelling code.
 
 Why stop early: building a datastore needs nothing after the deepest capture site. When the
 caller asks, the hook raises after the deepest capture and we skip the remaining layers, the final

@@ -25,8 +25,8 @@ Why things are as they are:
 - **One stream, EOS between documents.** Each kept document is followed by exactly one EOS
   token and the split's documents are concatenated into a raw little-endian int32 file; the
   datastore cuts sliding windows across document boundaries, as kNN-LM does. Files are written
-  under temporary names, renamed, and the manifest comes last, so a crash never leaves a stream
-  that looks complete; a second run with the same settings does nothing.
+  under temporary names, renamed, and the manifest comes last (:mod:`mlpmemory.stage`), so a
+  crash never leaves a stream that looks complete; a second run with the same settings does nothing.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ import shutil
 import sys
 import tarfile
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .config import CorpusSettings
 from .errors import MLPMemError
-from .manifest import (check_fields, check_file_size, is_complete, read_json, read_manifest,
-                       write_manifest)
+from .io import atomic_path, check_file_size, file_lock, lock_path, read_manifest, remove_path
+from .stage import Stage, run_stage
 
 __all__ = [
     "Document", "Window", "sliding_windows", "iter_documents", "load_nq_questions", "split_of",
@@ -130,54 +132,48 @@ _NEAR_DUP_WORDS = 10  # passages sharing their first or last this many words are
 
 
 def _bigbench_files(cache_dir=None) -> dict[str, Path]:
-    """The two JSON files of the default corpus, extracted once from the cached sdist."""
-    from .cache import cache_root, fetch_pypi_distribution
+    """The two JSON files of the default corpus, extracted once from the cached sdist (under a lock)."""
+    from .cache import cache_root
 
     name, version = BIGBENCH
     final = cache_root(cache_dir) / "corpora" / f"{name}-{version}"
-    members = (NQ_MEMBER, SQUAD_MEMBER)
-    paths = {m: final / m for m in members}
+    paths = {m: final / m for m in (NQ_MEMBER, SQUAD_MEMBER)}
     if all(p.is_file() for p in paths.values()):
         return paths
+    with file_lock(lock_path(final), f"extracting {name}=={version}"):
+        if not all(p.is_file() for p in paths.values()):  # else another process extracted them meanwhile
+            _extract_members(final, set(paths), cache_dir)
+    return paths
+
+
+def _extract_members(final: Path, members: set[str], cache_dir) -> None:
+    from .cache import fetch_pypi_distribution
+
+    name, version = BIGBENCH
     archive = fetch_pypi_distribution(name, version, cache_dir)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(final)  # a partial leftover (the rename below never produces one)
     found: set[str] = set()
-    try:
-        # Stream mode ("r|gz"): one pass over the 358 MB archive, stopping once both are out.
-        with tarfile.open(archive, "r|gz") as tf:
-            for info in tf:
-                inner = info.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" prefix
-                if inner in paths and info.isfile():
-                    src = tf.extractfile(info)
-                    dest = tmp / inner
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    found.add(inner)
-                    if len(found) == len(members):
-                        break
-    except (tarfile.TarError, EOFError, OSError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise MLPMemError(f"could not read {archive} ({e}); delete it so that it is downloaded again") from None
-    if len(found) != len(members):
-        shutil.rmtree(tmp, ignore_errors=True)
-        missing = ", ".join(sorted(set(members) - found))
-        raise MLPMemError(f"{archive} lacks {missing}; delete it so that it is downloaded again")
-    if final.exists():  # a partial leftover (never produced by the rename below) or a racing process
-        if all(p.is_file() for p in paths.values()):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return paths
-        shutil.rmtree(final)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not all(p.is_file() for p in paths.values()):
-            raise
+    with atomic_path(final) as tmp:
+        try:
+            # Stream mode ("r|gz"): one pass over the 358 MB archive, stopping once both are out.
+            with tarfile.open(archive, "r|gz") as tf:
+                for info in tf:
+                    inner = info.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" prefix
+                    if inner in members and info.isfile():
+                        dest = tmp / inner
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with open(dest, "wb") as out:
+                            shutil.copyfileobj(tf.extractfile(info), out)
+                        found.add(inner)
+                        if found == members:
+                            break
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise MLPMemError(f"could not read {archive} ({e}); delete it so that it is downloaded again") from None
+        if found != members:
+            missing = ", ".join(sorted(members - found))
+            raise MLPMemError(f"{archive} lacks {missing}; delete it so that it is downloaded again")
     print(f"[mlpmemory] extracted the default corpus (Wikipedia passages of {name}=={version}) into {final}",
           file=sys.stderr)
-    return paths
 
 
 def _load_json(path: Path):
@@ -581,15 +577,17 @@ def _update_hash(h, *parts: str) -> None:
 
 _BATCH_CHARS = 8_000_000  # also flush a tokenizer batch at this many characters (long documents)
 
-CHECKED_FIELDS = ("kind", "corpus", "tokenizer_fingerprint", "heldout_fraction", "max_train_tokens",
-                  "max_heldout_tokens", "text_field")
 
-
-def _existing_is_valid(out: Path) -> bool:
-    m = read_json(out / "manifest.json")
+def _existing_is_valid(out: Path, found: dict, skip_bad_utf8: bool) -> bool:
+    """Whether a complete, matching corpus stage still has all its files (else it is rebuilt)."""
+    if found.get("n_skipped_bad_utf8", 0) and not skip_bad_utf8:
+        raise MLPMemError(f"tokenized corpus at {out} was built skipping {found['n_skipped_bad_utf8']} non-UTF-8 "
+                          f"document(s) but now skip_bad_utf8=False; use a different --run-dir or delete {out} "
+                          "to rebuild it")
     try:
         for split in SPLITS:
-            check_file_size(out / TOKEN_FILES[split], int(m["n_tokens"][split]) * TOKEN_DTYPE.itemsize, "token stream")
+            check_file_size(out / TOKEN_FILES[split], int(found["n_tokens"][split]) * TOKEN_DTYPE.itemsize,
+                            "token stream")
         if not (out / DOCUMENTS).is_file():
             raise MLPMemError(f"{out / DOCUMENTS} is missing")
     except (MLPMemError, KeyError, TypeError, ValueError) as e:
@@ -598,9 +596,128 @@ def _existing_is_valid(out: Path) -> bool:
     return True
 
 
+def _corpus_identity(spec, tokenizer, tokenizer_fingerprint: str, heldout_fraction: float, max_train_tokens,
+                     max_heldout_tokens, text_field: str, batch_docs: int) -> dict:
+    """What a tokenized corpus must match to be reused (checked before any document is read)."""
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise MLPMemError(f"heldout_fraction must be between 0 and 1, got {heldout_fraction}")
+    caps = {"train": _check_cap("max_train_tokens", max_train_tokens),
+            "heldout": _check_cap("max_heldout_tokens", max_heldout_tokens)}
+    if batch_docs < 1:
+        raise MLPMemError(f"batch_docs must be >= 1, got {batch_docs}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise MLPMemError("the tokenizer has no EOS token, which separates documents in the stream; "
+                          "use a tokenizer that defines eos_token")
+    return {"kind": "token_streams", "corpus": _resolve_spec(spec), "tokenizer_fingerprint": tokenizer_fingerprint,
+            "heldout_fraction": float(heldout_fraction), "max_train_tokens": caps["train"],
+            "max_heldout_tokens": caps["heldout"], "text_field": text_field}
+
+
+class _StreamWriter:
+    """Appends tokenized documents to the split streams and ``documents.jsonl``, up to each split's cap."""
+
+    def __init__(self, identity: dict, tokenizer, files: dict, doc_file):
+        self.tokenizer, self.eos, self.files, self.doc_file = tokenizer, int(tokenizer.eos_token_id), files, doc_file
+        self.heldout_fraction = identity["heldout_fraction"]
+        self.caps = {"train": identity["max_train_tokens"], "heldout": identity["max_heldout_tokens"]}
+        self.n_tok = {s: 0 for s in SPLITS}
+        self.n_docs = {s: 0 for s in SPLITS}
+        self.n_truncated = {s: 0 for s in SPLITS}
+        self.hash = hashlib.sha256()
+        _update_hash(self.hash, json.dumps({k: identity[k] for k in ("heldout_fraction", "max_train_tokens",
+                                                                    "max_heldout_tokens", "text_field")},
+                                           sort_keys=True))
+
+    def full(self, split: str) -> bool:
+        if split == "heldout" and self.heldout_fraction == 0.0:
+            return True
+        if split == "train" and self.heldout_fraction == 1.0:
+            return True
+        return self.caps[split] is not None and self.n_tok[split] >= self.caps[split]
+
+    def flush(self, batch: list[tuple[Document, str]]) -> None:
+        batch = [(d, s) for d, s in batch if not self.full(s)]
+        if not batch:
+            return
+        ids_list = self.tokenizer([d.text for d, _ in batch], add_special_tokens=False, verbose=False,
+                                  return_attention_mask=False)["input_ids"]
+        bufs: dict[str, list[int]] = {s: [] for s in SPLITS}
+        for (doc, split), ids in zip(batch, ids_list):
+            if not self.full(split):
+                bufs[split].extend(self._add(doc, split, list(ids) + [self.eos]))
+        for s in SPLITS:
+            if bufs[s]:
+                np.asarray(bufs[s], dtype=TOKEN_DTYPE).tofile(self.files[s])
+
+    def _add(self, doc: Document, split: str, ids: list[int]) -> list[int]:
+        """One document's tokens (cut at the split's cap), its record written and hashed."""
+        cap, truncated = self.caps[split], False
+        if cap is not None and self.n_tok[split] + len(ids) > cap:
+            ids, truncated = ids[:cap - self.n_tok[split]], True
+        rec = {"doc_id": doc.doc_id, "group": doc.group, "split": split, "start": self.n_tok[split],
+               "n_tokens": len(ids) - (0 if truncated else 1), "truncated": truncated}
+        self.doc_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        _update_hash(self.hash, doc.doc_id, doc.group, split, doc.text)
+        self.n_tok[split] += len(ids)
+        self.n_docs[split] += 1
+        self.n_truncated[split] += truncated
+        return ids
+
+
+def _tokenize_into(writer: _StreamWriter, docs, batch_docs: int, bar) -> int:
+    """Feed documents to ``writer`` in tokenizer batches until every split is full; the number read."""
+    n_read, chars, batch = 0, 0, []
+    for doc in docs:
+        n_read += 1
+        bar.update(1)
+        batch.append((doc, split_of(doc.group, writer.heldout_fraction)))
+        chars += len(doc.text)
+        if len(batch) >= batch_docs or chars >= _BATCH_CHARS:
+            writer.flush(batch)
+            batch, chars = [], 0
+            if all(writer.full(s) for s in SPLITS):
+                break
+    writer.flush(batch)
+    return n_read
+
+
+def _build_streams(spec, tokenizer, out: Path, identity: dict, skip_bad_utf8: bool, cache_dir, batch_docs: int,
+                   progress: bool) -> dict:
+    """Write the split streams and ``documents.jsonl`` (atomically); returns the manifest fields."""
+    from tqdm.auto import tqdm
+
+    corpus = identity["corpus"]
+    bad = _BadUTF8(skip_bad_utf8)
+    docs = _iter_documents(spec, cache_dir, identity["text_field"], bad)
+    bar = tqdm(desc=f"tokenizing {Path(corpus).name if corpus != DEFAULT_CORPUS else corpus}", unit="doc",
+               disable=None if progress else True, file=sys.stderr, smoothing=0.05)
+    with ExitStack() as stack:  # on any error every temporary is removed; on success each is renamed
+        files = {s: stack.enter_context(open(stack.enter_context(atomic_path(out / TOKEN_FILES[s])), "wb"))
+                 for s in SPLITS}
+        doc_file = stack.enter_context(open(stack.enter_context(atomic_path(out / DOCUMENTS)), "w", encoding="utf-8"))
+        writer = _StreamWriter(identity, tokenizer, files, doc_file)
+        try:
+            n_read = _tokenize_into(writer, docs, batch_docs, bar)
+        finally:
+            docs.close()
+            bar.close()
+        if n_read == 0:
+            raise MLPMemError(f"corpus {corpus} is empty: no document has any text; check the path and text_field")
+    w = writer
+    print(f"[mlpmemory] tokenized {w.n_docs['train'] + w.n_docs['heldout']} documents of {corpus} into {out}: "
+          f"train {w.n_tok['train']:,} tokens ({w.n_docs['train']} docs), heldout {w.n_tok['heldout']:,} tokens "
+          f"({w.n_docs['heldout']} docs)", file=sys.stderr)
+    return dict(identity, corpus_fingerprint=w.hash.hexdigest()[:16], eos_token_id=w.eos, dtype="int32",
+                byte_order="little", n_tokens=dict(w.n_tok), n_docs=dict(w.n_docs),
+                n_truncated_docs=dict(w.n_truncated), n_docs_read=n_read, n_skipped_bad_utf8=bad.skipped,
+                skip_bad_utf8=bool(skip_bad_utf8), files={s: TOKEN_FILES[s] for s in SPLITS}, documents=DOCUMENTS)
+
+
 def tokenize_corpus(spec: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, *, tokenizer_fingerprint: str,
-                    heldout_fraction: float = 0.02, max_train_tokens: int | None = None,
-                    max_heldout_tokens: int | None = None, text_field: str = "text", skip_bad_utf8: bool = False,
+                    heldout_fraction: float = CorpusSettings.heldout_fraction,
+                    max_train_tokens: int | None = CorpusSettings.max_train_tokens,
+                    max_heldout_tokens: int | None = CorpusSettings.max_heldout_tokens,
+                    text_field: str = CorpusSettings.text_field, skip_bad_utf8: bool = CorpusSettings.skip_bad_utf8,
                     cache_dir=None, batch_docs: int = 256, progress: bool = True) -> dict:
     """Tokenize a corpus into one EOS-joined int32 stream per split; returns the manifest.
 
@@ -618,135 +735,13 @@ def tokenize_corpus(spec: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     field is returned as is (the corpus files are not re-read: delete ``out_dir`` after editing
     them); different settings raise :class:`MLPMemError`.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
-    corpus = _resolve_spec(spec)
-    if not 0.0 <= heldout_fraction <= 1.0:
-        raise MLPMemError(f"heldout_fraction must be between 0 and 1, got {heldout_fraction}")
-    caps = {"train": _check_cap("max_train_tokens", max_train_tokens),
-            "heldout": _check_cap("max_heldout_tokens", max_heldout_tokens)}
-    if batch_docs < 1:
-        raise MLPMemError(f"batch_docs must be >= 1, got {batch_docs}")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise MLPMemError("the tokenizer has no EOS token, which separates documents in the stream; "
-                          "use a tokenizer that defines eos_token")
-    settings = {
-        "kind": "token_streams", "corpus": corpus, "tokenizer_fingerprint": tokenizer_fingerprint,
-        "heldout_fraction": float(heldout_fraction), "max_train_tokens": caps["train"],
-        "max_heldout_tokens": caps["heldout"], "text_field": text_field,
-    }
-    what = f"tokenized corpus {out}"
-    if is_complete(out):
-        found = read_json(out / "manifest.json")
-        check_fields(found, settings, CHECKED_FIELDS, what)
-        if found.get("n_skipped_bad_utf8", 0) and not skip_bad_utf8:
-            raise MLPMemError(f"{what} was built skipping {found['n_skipped_bad_utf8']} non-UTF-8 document(s) but now "
-                              f"skip_bad_utf8=False; use a different --run-dir or delete {out} to rebuild it")
-        if _existing_is_valid(out):
-            return found
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = {s: out / (TOKEN_FILES[s] + ".tmp") for s in SPLITS}
-    tmp_docs = out / (DOCUMENTS + ".tmp")
-    files = {s: open(tmp[s], "wb") for s in SPLITS}
-    doc_file = open(tmp_docs, "w", encoding="utf-8")
-    n_tok = {s: 0 for s in SPLITS}
-    n_docs = {s: 0 for s in SPLITS}
-    n_truncated = {s: 0 for s in SPLITS}
-    n_read = 0
-    h = hashlib.sha256()
-    _update_hash(h, json.dumps({k: settings[k] for k in ("heldout_fraction", "max_train_tokens",
-                                                        "max_heldout_tokens", "text_field")}, sort_keys=True))
-
-    def full(split: str) -> bool:
-        if split == "heldout" and heldout_fraction == 0.0:
-            return True
-        if split == "train" and heldout_fraction == 1.0:
-            return True
-        return caps[split] is not None and n_tok[split] >= caps[split]
-
-    def flush(batch: list[tuple[Document, str]]) -> None:
-        batch = [(d, s) for d, s in batch if not full(s)]
-        if not batch:
-            return
-        ids_list = tokenizer([d.text for d, _ in batch], add_special_tokens=False, verbose=False,
-                             return_attention_mask=False)["input_ids"]
-        bufs: dict[str, list[int]] = {s: [] for s in SPLITS}
-        for (doc, split), ids in zip(batch, ids_list):
-            if full(split):
-                continue
-            ids = list(ids) + [eos]
-            truncated = False
-            cap = caps[split]
-            if cap is not None and n_tok[split] + len(ids) > cap:
-                ids = ids[:cap - n_tok[split]]
-                truncated = True
-            rec = {"doc_id": doc.doc_id, "group": doc.group, "split": split, "start": n_tok[split],
-                   "n_tokens": len(ids) - (0 if truncated else 1), "truncated": truncated}
-            doc_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            _update_hash(h, doc.doc_id, doc.group, split, doc.text)
-            bufs[split].extend(ids)
-            n_tok[split] += len(ids)
-            n_docs[split] += 1
-            n_truncated[split] += truncated
-        for s in SPLITS:
-            if bufs[s]:
-                np.asarray(bufs[s], dtype=TOKEN_DTYPE).tofile(files[s])
-
-    bad = _BadUTF8(skip_bad_utf8)
-    docs = _iter_documents(spec, cache_dir, text_field, bad)
-    bar = tqdm(desc=f"tokenizing {Path(corpus).name if corpus != DEFAULT_CORPUS else corpus}", unit="doc",
-               disable=None if progress else True, file=sys.stderr, smoothing=0.05)
-    try:
-        batch: list[tuple[Document, str]] = []
-        chars = 0
-        for doc in docs:
-            n_read += 1
-            bar.update(1)
-            batch.append((doc, split_of(doc.group, heldout_fraction)))
-            chars += len(doc.text)
-            if len(batch) >= batch_docs or chars >= _BATCH_CHARS:
-                flush(batch)
-                batch, chars = [], 0
-                if all(full(s) for s in SPLITS):
-                    break
-        flush(batch)
-    except BaseException:
-        ok = False
-        raise
-    else:
-        ok = n_read > 0
-    finally:
-        docs.close()
-        bar.close()
-        for f in files.values():
-            if ok:
-                f.flush()
-                os.fsync(f.fileno())
-            f.close()
-        doc_file.close()
-        if not ok:  # leave no half-written temporaries behind
-            for p in list(tmp.values()) + [tmp_docs]:
-                p.unlink(missing_ok=True)
-    if n_read == 0:
-        raise MLPMemError(f"corpus {corpus} is empty: no document has any text; check the path and text_field")
-    for s in SPLITS:
-        os.replace(tmp[s], out / TOKEN_FILES[s])
-    os.replace(tmp_docs, out / DOCUMENTS)
-    fields = dict(settings)
-    fields.update(
-        corpus_fingerprint=h.hexdigest()[:16], eos_token_id=int(eos), dtype="int32", byte_order="little",
-        n_tokens=dict(n_tok), n_docs=dict(n_docs), n_truncated_docs=dict(n_truncated),
-        n_docs_read=n_read, n_skipped_bad_utf8=bad.skipped, skip_bad_utf8=bool(skip_bad_utf8),
-        files={s: TOKEN_FILES[s] for s in SPLITS}, documents=DOCUMENTS,
-    )
-    manifest = write_manifest(out, fields)
-    print(f"[mlpmemory] tokenized {n_docs['train'] + n_docs['heldout']} documents of {corpus} into {out}: "
-          f"train {n_tok['train']:,} tokens ({n_docs['train']} docs), heldout {n_tok['heldout']:,} tokens "
-          f"({n_docs['heldout']} docs)", file=sys.stderr)
-    return manifest
+    identity = _corpus_identity(spec, tokenizer, tokenizer_fingerprint, heldout_fraction, max_train_tokens,
+                                max_heldout_tokens, text_field, batch_docs)
+    stage = Stage(out, identity, "tokenized corpus")
+    return run_stage(stage, lambda: _build_streams(spec, tokenizer, out, identity, skip_bad_utf8, cache_dir,
+                                                   batch_docs, progress),
+                     verify=lambda found: _existing_is_valid(out, found, skip_bad_utf8))
 
 
 def open_token_stream(out_dir: str | os.PathLike, split: str) -> np.ndarray:

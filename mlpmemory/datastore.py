@@ -16,14 +16,15 @@ Layout of a datastore directory (all raw little-endian arrays, C order, no pickl
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .config import DatastoreSettings
 from .errors import MLPMemError
-from .manifest import check_fields, check_file_size, read_manifest, write_manifest
+from .io import check_file_size, read_manifest, write_manifest, write_raw_array
+from .stage import Stage, run_stage
 
 KEYS = "keys.f16"
 VALUES = "values.i32"
@@ -102,15 +103,14 @@ def write_datastore_arrays(path: str | os.PathLike, keys: np.ndarray, values: np
         raise MLPMemError(f"keys must be (N, d) and values (N,), got {keys.shape} and {values.shape}")
     fields = dict(manifest_fields)
     fields.update(n=int(keys.shape[0]), dim=int(keys.shape[1]), arrays=["keys", "values"])
-    keys.tofile(path / KEYS)
-    values.tofile(path / VALUES)
+    write_raw_array(path / KEYS, keys, np.float16)
+    write_raw_array(path / VALUES, values, np.int32)
     if mem_inputs is not None:
-        mem_inputs = np.ascontiguousarray(mem_inputs, dtype=np.float16)
-        mem_inputs.tofile(path / MEM_INPUTS)
+        write_raw_array(path / MEM_INPUTS, mem_inputs, np.float16)
         fields["mem_dim"] = int(mem_inputs.shape[1])
         fields["arrays"].append("mem_inputs")
     if lm_logprob is not None:
-        np.ascontiguousarray(lm_logprob, dtype=np.float32).tofile(path / LM_LOGPROB)
+        write_raw_array(path / LM_LOGPROB, lm_logprob, np.float32)
         fields["arrays"].append("lm_logprob")
     write_manifest(path, fields)
     return open_datastore(path)
@@ -143,31 +143,14 @@ def _preallocate(path: Path, nbytes: int) -> None:
         f.truncate(nbytes)
 
 
-def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: str | os.PathLike, *,
-                    key_site: str = "last", mem_site: str | None = "0.7", block: int = 1024, stride: int = 512,
-                    batch_size: int = 8, store_lm_logprob: bool = False, identity: dict | None = None,
-                    progress: bool = True, token_start: int = 0) -> dict:
-    """Build (or finish, or verify) the datastore of one token stream.
+def _datastore_identity(lm, n_tokens: int, key_site, mem_site, block: int, stride: int, batch_size: int,
+                        store_lm_logprob: bool, identity: dict | None, token_start: int):
+    """(settings that must match, key site, memory-input site or None) of a datastore build."""
+    from .capture import resolve_site
 
-    ``lm`` is a :class:`mlpmemory.models.LoadedModel`. ``identity`` holds what else must match
-    for an existing datastore to be reused (corpus fingerprint, split ...). Re-running a complete
-    datastore with the same settings is a no-op; an interrupted one continues from the last
-    durable batch and ends byte-identical to an uninterrupted build (same batch composition, same
-    kernels). ``token_start`` selects the stream ``tokens[token_start : token_start + n_tokens]``.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from .capture import capture_inputs, resolve_site, run_captured
-    from .corpus import sliding_windows
-    from .manifest import atomic_write_json, is_complete, read_json
-
-    out = Path(out_dir)
     model = lm.model
     ksite = resolve_site(model, key_site)
     msite = resolve_site(model, mem_site) if mem_site is not None else None
-    sites = [ksite] + ([msite] if msite is not None else [])
-    windows = sliding_windows(n_tokens, block, stride)
     n = max(0, n_tokens - 1)
     if n == 0:
         raise MLPMemError(f"cannot build a datastore from {n_tokens} token(s): the corpus split is empty")
@@ -181,64 +164,97 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
         "dim": hidden, "mem_dim": hidden if msite else None, "arrays": arrays, "token_start": token_start,
         **(identity or {}),
     }
-    identity_keys = [k for k in settings if k != "batch_size"]
+    return settings, ksite, (msite if separate_mem else None)
 
-    if is_complete(out):
-        found = read_json(out / "manifest.json")
-        check_fields(found, settings, identity_keys, f"datastore {out}")
-        open_datastore(out)  # size checks
-        return found
 
-    out.mkdir(parents=True, exist_ok=True)
-    start_batch = 0
-    if (out / PROGRESS).exists():
-        prog = read_json(out / PROGRESS)
-        if prog.get("settings") == settings:
-            start_batch = int(prog["batches_done"])
-        else:
-            print(f"[mlpmemory] {out}: settings changed since the interrupted build; starting over", file=sys.stderr)
+def _open_arrays(out: Path, settings: dict) -> dict:
+    """Preallocated array files of the datastore: name -> (write fd, bytes per row)."""
     files = {}
-    for name in arrays:
+    for name in settings["arrays"]:
         fname, dtype, width = ARRAYS[name]
         row_bytes = np.dtype(dtype).itemsize * (settings[width] if width else 1)
-        _preallocate(out / fname, n * row_bytes)
+        _preallocate(out / fname, settings["n"] * row_bytes)
         files[name] = (os.open(out / fname, os.O_WRONLY), row_bytes)
+    return files
 
-    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    bar = tqdm(total=n, initial=sum(w.n_rows for b in batches[:start_batch] for w in b), unit="tok",
+
+def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_logprob: bool) -> dict:
+    """The rows of one batch of windows, per array: one forward pass of the frozen LM."""
+    import torch
+
+    from .capture import capture_inputs, run_captured
+
+    sites = [ksite] + ([msite] if msite is not None else [])
+    ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end) for w in batch]).astype(np.int64)
+    forward = lm.model if store_lm_logprob else lm.model.base_model
+    with torch.inference_mode(), capture_inputs(lm.model, sites, stop_early=not store_lm_logprob) as cap:
+        result = run_captured(forward, input_ids=torch.from_numpy(ids).to(lm.device), use_cache=False)
+    rows: dict[str, list] = {"keys": [], "values": [], "mem_inputs": [], "lm_logprob": []}
+    for wi, w in enumerate(batch):
+        pos = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)
+        target = ids[wi, w.first_target - w.begin: w.end - w.begin]
+        rows["keys"].append(cap[ksite.module_path][wi, pos].to(torch.float16).cpu().numpy())
+        rows["values"].append(target.astype(np.int32))
+        if msite is not None:
+            rows["mem_inputs"].append(cap[msite.module_path][wi, pos].to(torch.float16).cpu().numpy())
+        if store_lm_logprob:
+            logits = result.logits[wi, pos].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(target).to(logits.device)[:, None])[:, 0]
+            rows["lm_logprob"].append(lp.cpu().numpy().astype(np.float32))
+    return rows
+
+
+def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob: bool, progress: bool) -> dict:
+    """Write every batch of windows not yet durable (positional writes, fsync, progress record); the manifest fields."""
+    from tqdm.auto import tqdm
+
+    from .corpus import sliding_windows
+
+    out, settings = stage.dir, stage.identity
+    windows = sliding_windows(settings["n_tokens"], settings["block"], settings["stride"])
+    bs = settings["batch_size"]
+    batches = [windows[i:i + bs] for i in range(0, len(windows), bs)]
+    start_batch = int((stage.resume(PROGRESS) or {}).get("batches_done", 0))
+    files = _open_arrays(out, settings)
+    bar = tqdm(total=settings["n"], initial=sum(w.n_rows for b in batches[:start_batch] for w in b), unit="tok",
                desc=f"datastore {out.name}", disable=not progress, smoothing=0.05)
-    forward = model if store_lm_logprob else model.base_model
     try:
         for bi in range(start_batch, len(batches)):
-            batch = batches[bi]
-            ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end) for w in batch]).astype(np.int64)
-            input_ids = torch.from_numpy(ids).to(lm.device)
-            with torch.inference_mode(), capture_inputs(model, sites, stop_early=not store_lm_logprob) as cap:
-                result = run_captured(forward, input_ids=input_ids, use_cache=False)
-            rows = {name: [] for name in arrays}
-            for wi, w in enumerate(batch):
-                pos = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)
-                rows["keys"].append(cap[ksite.module_path][wi, pos].to(torch.float16).cpu().numpy())
-                rows["values"].append(ids[wi, w.first_target - w.begin: w.end - w.begin].astype(np.int32))
-                if separate_mem:
-                    rows["mem_inputs"].append(cap[msite.module_path][wi, pos].to(torch.float16).cpu().numpy())
-                if store_lm_logprob:
-                    logits = result.logits[wi, pos].float()
-                    target = torch.from_numpy(ids[wi, w.first_target - w.begin: w.end - w.begin]).to(logits.device)
-                    lp = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
-                    rows["lm_logprob"].append(lp.cpu().numpy().astype(np.float32))
-            first_row = batch[0].first_target - 1
+            rows = _batch_rows(lm, batches[bi], token_path, settings["token_start"], ksite, msite, store_lm_logprob)
+            first_row = batches[bi][0].first_target - 1
             for name, (fd, row_bytes) in files.items():
-                data = np.ascontiguousarray(np.concatenate(rows[name]))
-                os.pwrite(fd, data.tobytes(), first_row * row_bytes)
+                os.pwrite(fd, np.ascontiguousarray(np.concatenate(rows[name])).tobytes(), first_row * row_bytes)
             for fd, _ in files.values():
                 os.fsync(fd)
-            atomic_write_json(out / PROGRESS, {"batches_done": bi + 1, "settings": settings})
-            bar.update(sum(w.n_rows for w in batch))
+            stage.save_progress(PROGRESS, {"batches_done": bi + 1})
+            bar.update(sum(w.n_rows for w in batches[bi]))
     finally:
         bar.close()
         for fd, _ in files.values():
             os.close(fd)
-    manifest = write_manifest(out, settings)
-    (out / PROGRESS).unlink(missing_ok=True)
+    return settings
+
+
+def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: str | os.PathLike, *,
+                    key_site: str = DatastoreSettings.key_site, mem_site: str | None = DatastoreSettings.mem_site,
+                    block: int = DatastoreSettings.block, stride: int = DatastoreSettings.stride,
+                    batch_size: int = DatastoreSettings.batch_size, store_lm_logprob: bool = False,
+                    identity: dict | None = None, progress: bool = True, token_start: int = 0) -> dict:
+    """Build (or finish, or verify) the datastore of one token stream.
+
+    ``lm`` is a :class:`mlpmemory.models.LoadedModel`. ``identity`` holds what else must match
+    for an existing datastore to be reused (corpus fingerprint, split ...). Re-running a complete
+    datastore with the same settings is a no-op; an interrupted one continues from the last
+    durable batch and ends byte-identical to an uninterrupted build (same batch composition, same
+    kernels). ``token_start`` selects the stream ``tokens[token_start : token_start + n_tokens]``.
+    """
+    out = Path(out_dir)
+    settings, ksite, msite = _datastore_identity(lm, n_tokens, key_site, mem_site, block, stride, batch_size,
+                                                 store_lm_logprob, identity, token_start)
+    # batch_size changes how a partial build resumes, not what a complete one holds
+    stage = Stage(out, settings, "datastore", ignore=("batch_size",))
+
+    manifest = run_stage(stage, lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),
+                         verify=lambda found: open_datastore(out) is not None)  # size checks
+    (out / PROGRESS).unlink(missing_ok=True)  # after the manifest: a crash in between leaves a harmless record
     return manifest

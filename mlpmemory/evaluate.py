@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -39,11 +38,13 @@ import numpy as np
 
 from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
 from .errors import MLPMemError
-from .inference import KNNLM, _check_lambda, mix_logprobs
+from .inference import KNNLM, _check_lambda, memory_token_logprobs, mix_logprobs
+from .io import atomic_path, write_raw_array
+from .systems import names
 from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
 
-BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"
-SYSTEMS = (BASE, MEMORY, KNN_LM, RAG)
+BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"  # the registry's names (mlpmemory.systems)
+SYSTEMS = tuple(names())
 DEFAULT_LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MEM_FILE, MEM_META = "mem_logprob.f32", "mem_logprob.json"
 KNN_META = "knn_logprob.json"
@@ -167,12 +168,7 @@ def json_safe(obj):
 
 
 def _write_f32(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_raw_array(path, arr, np.float32)
 
 
 def _read_f32(path: Path, n: int) -> np.ndarray | None:
@@ -217,16 +213,13 @@ def _open_eval_dir(eval_dir):
 
 
 def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
+    """log p_MLP(true token) (float32, (N,)) of an eval dir's stored memory inputs, batch by batch."""
     import torch
     from tqdm.auto import tqdm
 
     if ds.mem_inputs is None:
         raise MLPMemError(f"eval dir {ds.path} has no {MEM_INPUTS}: rebuild it with mem_site set to the memory's "
                           "input site")
-    device, dtype = torch.device("cpu"), torch.float32
-    for p in memory.parameters():
-        device, dtype = p.device, (p.dtype if p.is_floating_point() else torch.float32)
-        break
     out = np.empty(ds.n, np.float32)
     was_training = memory.training
     memory.eval()
@@ -235,18 +228,8 @@ def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
                                           disable=not progress) as bar:
             for s in range(0, ds.n, batch):
                 e = min(ds.n, s + batch)
-                x = torch.from_numpy(np.asarray(ds.mem_inputs[s:e], dtype=np.float32)).to(device=device, dtype=dtype)
-                tgt = torch.from_numpy(np.asarray(ds.values[s:e], dtype=np.int64)).to(device)
-                try:
-                    logits = memory(x)
-                except RuntimeError as err:
-                    raise MLPMemError(f"the memory cannot read this eval dir's memory inputs (width {x.shape[-1]}): "
-                                      f"{str(err).splitlines()[0]}") from None
-                if logits.shape[-1] <= int(tgt.max()):
-                    raise MLPMemError(f"the memory predicts {logits.shape[-1]} tokens but the text holds id "
-                                      f"{int(tgt.max())}; use a memory trained for this base LM")
-                lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[:, None])[:, 0]
-                out[s:e] = lp.cpu().numpy()
+                x = torch.from_numpy(np.asarray(ds.mem_inputs[s:e], dtype=np.float32))
+                out[s:e] = memory_token_logprobs(memory, x, np.asarray(ds.values[s:e], dtype=np.int64)).cpu().numpy()
                 bar.update(e - s)
     finally:
         memory.train(was_training)
@@ -280,76 +263,94 @@ def _check_knn(ds, knn: KNNLM) -> None:
                                   f"datastore with {ref.get(field)!r}; rebuild the eval dir to match")
 
 
+def memory_eval_logprobs(ds, memory, fingerprint: str, batch: int = 4096, progress: bool = True) -> np.ndarray:
+    """log p_MLP(true token) (float32, (N,)) of an open eval dir, cached there under ``fingerprint``."""
+    _check_memory_site(ds, memory)
+    want = {"memory_fingerprint": fingerprint, "eval_fingerprint": sha256_json(ds.manifest), "n": ds.n}
+    meta = _read_meta(ds.path / MEM_META)
+    cached = _read_f32(ds.path / MEM_FILE, ds.n) if all(meta.get(k) == v for k, v in want.items()) else None
+    if cached is None:
+        (ds.path / MEM_META).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        cached = _memory_logprobs(ds, memory, batch, progress)
+        _write_f32(ds.path / MEM_FILE, cached)
+        atomic_write_json(ds.path / MEM_META, {**want, "seconds": round(time.perf_counter() - t0, 3)})
+    return cached
+
+
+def _knn_search_logprobs(ds, knn: KNNLM, temps: list[float], batch: int, progress: bool) -> dict[float, np.ndarray]:
+    """log p_kNN(true token) (float32) of every eval-dir token at each T, one search per batch for all T."""
+    from tqdm.auto import tqdm
+
+    new = {t: np.empty(ds.n, np.float32) for t in temps}
+    with tqdm(total=ds.n, desc=f"kNN log-probs {ds.path.name}", unit="tok", disable=not progress) as bar:
+        for s in range(0, ds.n, batch):
+            e = min(ds.n, s + batch)
+            dists, ids = knn.search(np.asarray(ds.keys[s:e], dtype=np.float32))
+            tgt = np.asarray(ds.values[s:e], dtype=np.int64)
+            for t in temps:
+                new[t][s:e] = knn.logprob_from_search(dists, ids, tgt, t)
+            bar.update(e - s)
+    return new
+
+
+def knn_eval_logprobs(ds, knn: KNNLM, temperatures, batch: int = 4096, progress: bool = True) -> dict:
+    """``{T: log p_kNN(true token)}`` (float64, (N,)) of an open eval dir, each T cached there
+    (``knn_logprob_T{T}.f32``, all named in ``knn_logprob.json`` with the index fingerprint and k)."""
+    _check_knn(ds, knn)
+    temps = [float(t) for t in temperatures]
+    if not temps or any(not t > 0 for t in temps):
+        raise MLPMemError(f"temperatures must be a non-empty list of numbers > 0, got {temperatures!r}")
+    path, n = ds.path, ds.n
+    want = {"knn_fingerprint": knn.fingerprint, "k": knn.k, "eval_fingerprint": sha256_json(ds.manifest), "n": n}
+    meta = _read_meta(path / KNN_META)
+    done: dict[str, float] = {}
+    if all(meta.get(k) == v for k, v in want.items()):
+        done = {name: float(t) for name, t in meta.get("temperatures", {}).items()}
+    else:  # another index/k/eval dir: nothing cached is valid
+        for name in meta.get("temperatures", {}):
+            (path / name).unlink(missing_ok=True)
+    found: dict[float, np.ndarray] = {}
+    for t in dict.fromkeys(temps):
+        arr = _read_f32(path / knn_file(t), n) if done.get(knn_file(t)) == t else None
+        if arr is not None:
+            found[t] = arr
+    missing = [t for t in dict.fromkeys(temps) if t not in found]
+    if missing:
+        (path / KNN_META).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        new = _knn_search_logprobs(ds, knn, missing, batch, progress)
+        for t in missing:
+            _write_f32(path / knn_file(t), new[t])
+            done[knn_file(t)] = t
+            found[t] = new[t]
+        atomic_write_json(path / KNN_META, {**want, "temperatures": done,
+                                            "seconds_last": round(time.perf_counter() - t0, 3)})
+    return {t: found[t].astype(np.float64) for t in dict.fromkeys(temps)}
+
+
 def score_components(eval_dir, *, memory=None, memory_fingerprint: str | None = None, knn: KNNLM | None = None,
-                     temperatures=None, batch: int = 4096, progress: bool = True) -> dict:
+                     temperatures=None, batch: int = 4096, progress: bool = True, systems=None,
+                     choices: dict | None = None) -> dict:
     """Per-token log-probs of the true next token, per component, computed once and cached.
 
     Returns ``{"lm": (N,), "memory": (N,) if a memory is given, "knn": {T: (N,)} if a kNN-LM is
-    given}`` (float64). ``temperatures`` defaults to ``[knn.temperature]``. The memory is run in
-    ``torch.inference_mode`` in its own dtype/device; its result is cached under
-    ``memory_fingerprint`` (default: :func:`fingerprint_memory` of the module).
+    given}`` (float64): one entry per system (:mod:`mlpmemory.systems`), keyed by its ``component``.
+    ``systems`` defaults to those the components given provide; ``temperatures`` defaults to
+    ``[knn.temperature]``. The memory is run in ``torch.inference_mode`` in its own dtype/device;
+    its result is cached under ``memory_fingerprint`` (default: :func:`fingerprint_memory` of the
+    module). ``choices``: ``{system: validation row}`` to score each system at (e.g. the chosen T).
     """
-    from tqdm.auto import tqdm
+    from .systems import systems_for
 
     ds = _open_eval_dir(eval_dir)
-    path, n = ds.path, ds.n
-    eval_fp = sha256_json(ds.manifest)
+    if systems is None:
+        systems = systems_for(memory=memory, memory_fingerprint=memory_fingerprint, knn=knn, temperatures=temperatures)
     out: dict = {"lm": np.asarray(ds.lm_logprob, dtype=np.float64)}
-
-    if memory is not None:
-        _check_memory_site(ds, memory)
-        fp = memory_fingerprint if memory_fingerprint is not None else fingerprint_memory(memory)
-        want = {"memory_fingerprint": fp, "eval_fingerprint": eval_fp, "n": n}
-        meta = _read_meta(path / MEM_META)
-        cached = _read_f32(path / MEM_FILE, n) if all(meta.get(k) == v for k, v in want.items()) else None
-        if cached is None:
-            (path / MEM_META).unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            cached = _memory_logprobs(ds, memory, batch, progress)
-            _write_f32(path / MEM_FILE, cached)
-            atomic_write_json(path / MEM_META, {**want, "seconds": round(time.perf_counter() - t0, 3)})
-        out["memory"] = cached.astype(np.float64)
-
-    if knn is not None:
-        _check_knn(ds, knn)
-        temps = [float(t) for t in (temperatures if temperatures is not None else [knn.temperature])]
-        if not temps or any(not t > 0 for t in temps):
-            raise MLPMemError(f"temperatures must be a non-empty list of numbers > 0, got {temperatures!r}")
-        want = {"knn_fingerprint": knn.fingerprint, "k": knn.k, "eval_fingerprint": eval_fp, "n": n}
-        meta = _read_meta(path / KNN_META)
-        done: dict[str, float] = {}
-        if all(meta.get(k) == v for k, v in want.items()):
-            done = {name: float(t) for name, t in meta.get("temperatures", {}).items()}
-        else:  # another index/k/eval dir: nothing cached is valid
-            for name in meta.get("temperatures", {}):
-                (path / name).unlink(missing_ok=True)
-        knn_out: dict[float, np.ndarray] = {}
-        missing = []
-        for t in dict.fromkeys(temps):
-            arr = _read_f32(path / knn_file(t), n) if done.get(knn_file(t)) == t else None
-            if arr is None:
-                missing.append(t)
-            else:
-                knn_out[t] = arr.astype(np.float64)
-        if missing:
-            (path / KNN_META).unlink(missing_ok=True)
-            new = {t: np.empty(n, np.float32) for t in missing}
-            t0 = time.perf_counter()
-            with tqdm(total=n, desc=f"kNN log-probs {path.name}", unit="tok", disable=not progress) as bar:
-                for s in range(0, n, batch):
-                    e = min(n, s + batch)
-                    dists, ids = knn.search(np.asarray(ds.keys[s:e], dtype=np.float32))
-                    tgt = np.asarray(ds.values[s:e], dtype=np.int64)
-                    for t in missing:
-                        new[t][s:e] = knn.logprob_from_search(dists, ids, tgt, t)
-                    bar.update(e - s)
-            for t in missing:
-                _write_f32(path / knn_file(t), new[t])
-                done[knn_file(t)] = t
-                knn_out[t] = new[t].astype(np.float64)
-            atomic_write_json(path / KNN_META, {**want, "temperatures": done,
-                                                "seconds_last": round(time.perf_counter() - t0, 3)})
-        out["knn"] = {t: knn_out[t] for t in dict.fromkeys(temps)}
+    for system in systems:
+        if system.component != "lm":
+            out[system.component] = system.eval_logprobs(ds, choice=(choices or {}).get(system.name), batch=batch,
+                                                         progress=progress)
     return out
 
 
@@ -364,22 +365,22 @@ def _row(system: str, lam, t, logp) -> dict:
 
 
 def sweep(components: dict, lambdas=DEFAULT_LAMBDAS, temperatures=None) -> list[dict]:
-    """Rows ``{system, lambda, T, ppl, nll}`` (nll: mean nats/token): the base LM, then the memory
-    per lambda, then the kNN-LM per (T, lambda). ``temperatures`` defaults to every T in
+    """Rows ``{system, lambda, T, ppl, nll}`` (nll: mean nats/token): the base LM, then each system
+    with a lambda (:func:`mlpmemory.systems.tuned`: the memory per lambda, then the kNN-LM per
+    (T, lambda)) whose component is in ``components``. ``temperatures`` defaults to every T in
     ``components["knn"]``. lambda = 0 rows are the base LM's perplexity exactly."""
+    from .systems import tuned
+
     lm = components["lm"]
     rows = [_row(BASE, None, None, lm)]
     lams = [float(x) for x in lambdas]
     for lam in lams:
         _check_lambda(lam)  # refuse a bad grid before any work
-    if components.get("memory") is not None:
-        rows += [_row(MEMORY, lam, None, mix_logprobs(lm, components["memory"], lam)) for lam in lams]
-    knn = components.get("knn") or {}
-    temps = list(knn) if temperatures is None else [float(t) for t in temperatures]
-    for t in temps:
-        if t not in knn:
-            raise MLPMemError(f"no kNN log-probs at T={t:g} (have {sorted(knn)}); score them with score_components")
-        rows += [_row(KNN_LM, lam, t, mix_logprobs(lm, knn[t], lam)) for lam in lams]
+    for cls in tuned():
+        if components.get(cls.component) is None:
+            continue
+        for t, scored in cls.variants(components[cls.component], temperatures).items():
+            rows += [_row(cls.name, lam, t, mix_logprobs(lm, scored, lam)) for lam in lams]
     return rows
 
 
@@ -428,94 +429,94 @@ def _plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
-def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, memory_fingerprint: str | None = None,
-                 knn: KNNLM | None = None, lambdas=DEFAULT_LAMBDAS, temperatures=None, batch: int = 4096,
-                 progress: bool = True, rag: dict | None = None) -> dict:
-    """Choose lambda (memory) and (lambda, T) (kNN-LM) on validation, report all systems on test.
+def _report_row(logp, n_bytes, lam=None, t=None) -> dict:
+    nll = mean_nll(logp)
+    total = nll * len(logp)
+    return {"lambda": lam, "T": t, "ppl": math.exp(nll) if nll < 709 else math.inf, "nll": nll,
+            "total_nll": total, "bits_per_byte": bits_per_byte(total, n_bytes) if n_bytes else None}
 
-    Writes ``ppl.json`` (the report returned) and ``ppl_validation.png`` (validation perplexity
-    vs lambda: the memory, one line per T for the kNN-LM, the base as a horizontal line) into
-    ``out_dir``. ``temperatures`` defaults to ``knn.temperature * 2**j`` for j = -2..2. With a
-    ``tokenizer``, test bits per byte are reported too (UTF-8 bytes of the scored text).
-    ``rag``: ``{"logprob": (N,) RAG log-probs of the test tokens, **fields}`` (from
-    :func:`mlpmemory.rag.cached_ralm_logprobs`), reported as system ``rag`` with ``fields``
-    (settings, seconds) added.
-    """
-    valid_dir, test_dir, out_dir = Path(valid_dir), Path(test_dir), Path(out_dir)
-    if valid_dir.resolve() == test_dir.resolve():
+
+def _test_systems(systems, tc: dict, chosen: dict, n_bytes) -> dict:
+    """Each system's test report at its validation choice, with its change against the base LM."""
+    out = {}
+    for system in systems:
+        c = chosen.get(system.name)
+        lam, t = (c["lambda"], c["T"]) if c is not None else (None, None)
+        out[system.name] = {**_report_row(system.mixed(tc, lam, t), n_bytes, lam, t), **system.report_fields(tc, c)}
+    base_ppl = out[BASE]["ppl"]
+    for s in out.values():
+        s["change_vs_base_pct"] = 100.0 * (s["ppl"] / base_ppl - 1.0) if math.isfinite(s["ppl"]) else None
+    return out
+
+
+def _open_pair(valid_dir, test_dir) -> tuple[dict, dict]:
+    if Path(valid_dir).resolve() == Path(test_dir).resolve():
         raise MLPMemError(f"validation and test eval dirs are the same ({valid_dir}); settings chosen on a text "
                           "must be reported on another one")
     vm = read_manifest(valid_dir, "validation eval dir")
     tm = read_manifest(test_dir, "test eval dir")
     check_compatible(vm, tm, valid_dir, test_dir)
+    return vm, tm
+
+
+def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, memory_fingerprint: str | None = None,
+                 knn: KNNLM | None = None, lambdas=DEFAULT_LAMBDAS, temperatures=None, batch: int = 4096,
+                 progress: bool = True, rag: dict | None = None, systems=None) -> dict:
+    """Choose each system's lambda (and the kNN-LM's T) on validation, report every system on test.
+
+    ``systems`` (:mod:`mlpmemory.systems` instances) default to those ``memory``, ``knn`` and ``rag``
+    provide, plus the base LM. Writes ``ppl.json`` (the report returned) and ``ppl_validation.png``
+    (validation perplexity vs lambda: the memory, one line per T for the kNN-LM, the base as a
+    horizontal line) into ``out_dir``. ``temperatures`` defaults to ``knn.temperature * 2**j`` for
+    j = -2..2. With a ``tokenizer``, test bits per byte are reported too (UTF-8 bytes of the scored
+    text). ``rag``: ``{"logprob": (N,) RAG log-probs of the test tokens, **fields}`` (from
+    :func:`mlpmemory.rag.cached_ralm_logprobs`), reported as system ``rag`` with ``fields``
+    (settings, seconds) added; it has no lambda and is scored on test only.
+    """
+    from .systems import get_system, systems_for, tuned
+
+    valid_dir, test_dir, out_dir = Path(valid_dir), Path(test_dir), Path(out_dir)
+    vm, tm = _open_pair(valid_dir, test_dir)
     lams = [float(x) for x in lambdas]
     if not lams:
         raise MLPMemError("lambdas must not be empty")
-    if knn is not None and temperatures is None:
-        temperatures = [knn.temperature * 2.0 ** j for j in range(-2, 3)]
-    if memory is not None and memory_fingerprint is None:
-        memory_fingerprint = fingerprint_memory(memory)
+    if systems is None:
+        systems = systems_for(memory=memory, memory_fingerprint=memory_fingerprint, knn=knn, temperatures=temperatures,
+                              rag=rag)
+    systems = [s.for_sweep() for s in systems if s.component != "lm"]
+    systems = [get_system(BASE)(), *systems]
+    swept = [s for s in systems if s.has_lambda]
 
     t0 = time.perf_counter()
-    vc = score_components(valid_dir, memory=memory, memory_fingerprint=memory_fingerprint, knn=knn,
-                          temperatures=temperatures, batch=batch, progress=progress)
+    vc = score_components(valid_dir, systems=swept, batch=batch, progress=progress)
     vrows = sweep(vc, lams)
-    chosen = {MEMORY: choose(vrows, MEMORY) if memory is not None else None,
-              KNN_LM: choose(vrows, KNN_LM) if knn is not None else None}
-    tc = score_components(test_dir, memory=memory, memory_fingerprint=memory_fingerprint, knn=knn,
-                          temperatures=[chosen[KNN_LM]["T"]] if knn is not None else None, batch=batch,
+    chosen = {cls.name: None for cls in tuned()}
+    chosen.update({s.name: choose(vrows, s.name) for s in swept})
+    tc = score_components(test_dir, systems=[s for s in systems if s.component != "lm"], choices=chosen, batch=batch,
                           progress=progress)
     n_test = len(tc["lm"])
     n_bytes = decoded_bytes(tokenizer, open_datastore(test_dir).values) if tokenizer is not None else None
-
-    def report(logp, lam=None, t=None) -> dict:
-        nll = mean_nll(logp)
-        total = nll * len(logp)
-        return {"lambda": lam, "T": t, "ppl": math.exp(nll) if nll < 709 else math.inf, "nll": nll,
-                "total_nll": total, "bits_per_byte": bits_per_byte(total, n_bytes) if n_bytes else None}
-
-    systems = {BASE: report(tc["lm"])}
-    base_ppl = systems[BASE]["ppl"]
-    if memory is not None:
-        lam = chosen[MEMORY]["lambda"]
-        systems[MEMORY] = report(mix_logprobs(tc["lm"], tc["memory"], lam), lam)
-        systems[MEMORY]["memory_alone_ppl"] = perplexity(tc["memory"])
-    if knn is not None:
-        lam, t = chosen[KNN_LM]["lambda"], chosen[KNN_LM]["T"]
-        systems[KNN_LM] = report(mix_logprobs(tc["lm"], tc["knn"][t], lam), lam, t)
-        systems[KNN_LM]["knn_alone_ppl"] = perplexity(tc["knn"][t])
-        systems[KNN_LM]["k"] = knn.k
-    if rag is not None:
-        rag_lp = np.asarray(rag["logprob"], dtype=np.float64)
-        if rag_lp.shape != (n_test,):
-            raise MLPMemError(f"the RAG log-probs cover {rag_lp.shape[0]} tokens but the test eval dir {test_dir} has "
-                              f"{n_test}; compute them over the same text and windows")
-        systems[RAG] = {**report(rag_lp), **{k: v for k, v in rag.items() if k != "logprob"}, "tokens_scored": n_test}
-    for s in systems.values():
-        s["change_vs_base_pct"] = 100.0 * (s["ppl"] / base_ppl - 1.0) if math.isfinite(s["ppl"]) else None
-
+    settings = {"lambdas": lams, "temperatures": None, "memory_fingerprint": None, "knn": None}
+    for s in systems:
+        settings.update(s.settings())
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_name = "ppl_validation.png"
     result = {
         "model": tm.get("model"), "model_fingerprint": tm.get("model_fingerprint"), "dtype": tm.get("dtype"),
         "block": tm.get("block"), "stride": tm.get("stride"), "key_site": tm.get("key_site"),
-        "mem_site": tm.get("mem_site"),
-        "settings": {"lambdas": lams, "temperatures": [float(t) for t in temperatures] if knn is not None else None,
-                     "memory_fingerprint": memory_fingerprint if memory is not None else None,
-                     "knn": ({"fingerprint": knn.fingerprint, "k": knn.k, "index_type": type(knn.index).__name__}
-                             if knn is not None else None)},
+        "mem_site": tm.get("mem_site"), "settings": settings,
         "validation": {"dir": str(valid_dir), "tokens_scored": len(vc["lm"]), "rows": vrows,
                        "chosen": chosen, "base_ppl": vrows[0]["ppl"]},
-        "test": {"dir": str(test_dir), "tokens_scored": n_test, "bytes": n_bytes, "systems": systems},
+        "test": {"dir": str(test_dir), "tokens_scored": n_test, "bytes": n_bytes,
+                 "systems": _test_systems(systems, tc, chosen, n_bytes)},
         "plot": plot_name, "seconds": round(time.perf_counter() - t0, 3),
     }
     title = (f"validation: {len(vc['lm']):,} tokens, block {tm.get('block')} / stride {tm.get('stride')}"
-             + (f", k={knn.k}" if knn is not None else ""))
+             + "".join(s.plot_note() for s in systems))
     _plot(vrows, chosen, out_dir / plot_name, title)
     safe = json_safe(result)
     atomic_write_json(out_dir / "ppl.json", safe)
@@ -524,12 +525,14 @@ def evaluate_ppl(valid_dir, test_dir, out_dir, *, tokenizer=None, memory=None, m
 
 def format_ppl_table(result: dict) -> str:
     """The test systems of an :func:`evaluate_ppl` report as a Markdown table."""
+    from .systems import REGISTRY
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
     lines = ["| system | lambda | T | test PPL | change | bits/byte |", "|---|---|---|---|---|---|"]
     for name, s in result["test"]["systems"].items():
-        def fmt(x, spec):
-            return "-" if x is None else format(x, spec)
-        if name == RAG and s.get("settings"):
-            name = f"rag (BM25 top-{s['settings'].get('n_passages')}, every {s['settings'].get('retrieve_every')} tokens)"
+        name = REGISTRY[name].table_name(s) if name in REGISTRY else name
         lines.append(f"| {name} | {fmt(s['lambda'], 'g')} | {fmt(s['T'], '.4g')} | {fmt(s['ppl'], '.3f')} | "
                      f"{fmt(s['change_vs_base_pct'], '+.2f')}{'%' if s['change_vs_base_pct'] is not None else ''} | {fmt(s['bits_per_byte'], '.4f')} |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Text generation with the memory-augmented model (or the kNN-LM) through Hugging Face ``generate``.
+"""Text generation with any system of :mod:`mlpmemory.systems` through Hugging Face ``generate``.
 
 Why it is built with hooks rather than a decoding loop of our own:
 
@@ -17,7 +17,8 @@ Why it is built with hooks rather than a decoding loop of our own:
   last prompt position only, never for the whole prompt).
 - **kNN-LM through the same hook.** ``KNNLM.search`` + ``KNNLM.distribution`` give the sparse
   p_kNN of each new position, scattered into a dense (B, V) row and mixed the same way, so both
-  systems are compared by the same decoding code. :class:`StageTimer` splits the time spent
+  systems are compared by the same decoding code: each system's ``hook`` is
+  :func:`mlpmemory.inference.mixing_hook` with its own dense log-probs. :class:`StageTimer` splits the time spent
   in ``memory_forward`` / ``search`` / ``distribution`` / ``mixing`` for the benchmarks.
 - **Left padding done by hand.** Prompts are tokenised one by one and left-padded here, so the
   caller's tokenizer is never mutated (padding side, pad token), and the continuation's token ids
@@ -40,9 +41,10 @@ import torch
 
 from .config import opt
 from .errors import MLPMemError
+from .systems import names
 
 STAGES = ("memory_forward", "search", "distribution", "mixing")
-SYSTEMS = ("base", "memory", "knn_lm")
+SYSTEMS = tuple(names())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,98 +77,33 @@ class StageTimer:
             self.counts[name] = self.counts.get(name, 0) + 1
 
 
-def _site_of(memory, knn) -> str:
-    from .inference import memory_input_module
+def _system_of(memory=None, knn=None, system=None):
+    """The :mod:`mlpmemory.systems` instance of a call's ``memory`` / ``knn`` / ``system`` (the base LM without any)."""
+    from .systems import BaseLM, KNNLMSystem, MemorySystem
 
-    if memory is not None:
-        return memory_input_module(memory)
-    site = ((getattr(knn, "datastore_manifest", None) or {}).get("key_site") or {})
-    module = site.get("module") if isinstance(site, dict) else site
-    if not module:
-        raise MLPMemError("the kNN-LM does not say where its keys come from (datastore_manifest['key_site']['module']); "
-                          "load it with KNNLM.from_dirs or load_knn(run)")
-    return str(module)
-
-
-def _knn_dense_logprobs(knn, hidden: torch.Tensor, vocab: int, timer: StageTimer) -> torch.Tensor:
-    """Dense log p_kNN (float32, (N, V), -inf where no neighbour has the token) on ``hidden``'s device."""
-    with timer.section("search"):
-        dists, ids = knn.search(hidden)
-    with timer.section("distribution"):
-        offsets, toks, probs = knn.distribution(dists, ids)
-        if len(toks) and int(toks.max()) >= vocab:
-            raise MLPMemError(f"the datastore holds token id {int(toks.max())} but the model's vocabulary has {vocab}; "
-                              "the kNN-LM belongs to another tokenizer")
-        n = len(offsets) - 1
-        rows = torch.from_numpy(np.repeat(np.arange(n), np.diff(offsets))).to(hidden.device)
-        dense = torch.zeros(n, vocab, dtype=torch.float32, device=hidden.device)
-        dense.index_put_((rows, torch.from_numpy(np.asarray(toks, np.int64)).to(hidden.device)),
-                         torch.from_numpy(np.asarray(probs, np.float32)).to(hidden.device), accumulate=True)
-        return dense.log()
+    if sum(x is not None for x in (memory, knn, system)) > 1:
+        raise MLPMemError("mix the base LM with the memory or with the kNN-LM, not both at once")
+    if system is not None:
+        return system
+    return MemorySystem(memory) if memory is not None else KNNLMSystem(knn) if knn is not None else BaseLM()
 
 
 @contextmanager
-def augmented(model, *, memory=None, knn=None, lam: float, timer: StageTimer | None = None):
+def augmented(model, *, memory=None, knn=None, lam: float, timer: StageTimer | None = None, system=None):
     """While active, every forward of the HF causal LM ``model`` returns ``logits`` replaced by the
     mixed log-probabilities (float32) at the positions the model returned logits for.
 
-    ``memory`` (an MLP memory) or ``knn`` (a :class:`mlpmemory.inference.KNNLM`) gives ``q``; at
-    ``lam == 0`` or without either, no hook is installed and the model is untouched.
+    ``memory`` (an MLP memory), ``knn`` (a :class:`mlpmemory.inference.KNNLM`) or ``system`` (any
+    :mod:`mlpmemory.systems` instance) gives ``q``; the hook is the system's own
+    (:func:`mlpmemory.inference.mixing_hook`); at ``lam == 0`` or without a mixing system, no hook
+    is installed and the model is untouched.
     """
-    from .capture import capture_inputs, resolve_site
-    from .inference import _check_lambda, memory_logprobs, mix_logprobs
+    from .inference import _check_lambda
 
     model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
     lam = _check_lambda(lam)
-    if memory is not None and knn is not None:
-        raise MLPMemError("mix the base LM with the memory or with the kNN-LM, not both at once")
-    if lam == 0.0 or (memory is None and knn is None):
-        yield model
-        return
-    timer = timer if timer is not None else StageTimer()
-    spec = _site_of(memory, knn)
-    try:
-        site = resolve_site(model, spec)
-    except (IndexError, KeyError) as e:
-        raise MLPMemError(f"model {type(model).__name__} has no module {spec!r} ({e}); the memory or datastore "
-                          "was built on another base LM") from None
-
-    def replace_logits(module, args, kwargs, output):
-        logits = output.logits if hasattr(output, "logits") else output[0]
-        if logits is None:
-            return output
-        hidden = captured.pop(site.module_path, None)  # popped: a stale state must never be reused
-        if hidden is None:
-            raise MLPMemError(f"the base LM never called {site.module_path} in this forward; the memory's input site "
-                              "does not belong to this model")
-        n_pos = logits.shape[1]
-        if hidden.shape[1] < n_pos:
-            raise MLPMemError(f"the model returned logits for {n_pos} positions but {site.module_path} saw only "
-                              f"{hidden.shape[1]}")
-        b, vocab = logits.shape[0], logits.shape[-1]
-        h = hidden[:, hidden.shape[1] - n_pos:].reshape(b * n_pos, hidden.shape[-1])  # only where logits are wanted
-        if memory is not None:
-            with timer.section("memory_forward"):
-                q = memory_logprobs(memory, h).to(logits.device)
-            if q.shape[-1] != vocab:
-                raise MLPMemError(f"the memory gives {q.shape[-1]} log-probs per position but the base LM {vocab}; "
-                                  "the memory's vocabulary must equal the base LM's")
-        else:
-            q = _knn_dense_logprobs(knn, h, vocab, timer).to(logits.device)
-        with timer.section("mixing"):
-            lm_logp = torch.log_softmax(logits.float(), dim=-1).reshape(b * n_pos, vocab)
-            mixed = mix_logprobs(lm_logp, q, lam).reshape(b, n_pos, vocab)
-        if hasattr(output, "logits"):
-            output.logits = mixed
-            return output
-        return (mixed, *output[1:])
-
-    with capture_inputs(model, [site]) as captured:
-        handle = model.register_forward_hook(replace_logits, with_kwargs=True)
-        try:
-            yield model
-        finally:
-            handle.remove()
+    with _system_of(memory, knn, system).hook(model, lam, timer if timer is not None else StageTimer()) as m:
+        yield m
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,19 +171,63 @@ def _finish_row(gen: list[int], tokenizer, eos: set[int], pad: int, stops: list[
     return gen[:end], text[:cut] if cut >= 0 else text
 
 
+def _generation_config(model, tok, eos: set[int], *, max_new_tokens, do_sample, sample_temperature, top_k, top_p,
+                       num_beams, stops):
+    """A copy of the model's generation config with this call's settings; (config, pad id)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
+    gc = copy.deepcopy(model.generation_config)
+    gc.update(max_new_tokens=int(max_new_tokens), min_new_tokens=None, min_length=0, do_sample=bool(do_sample),
+              num_beams=int(num_beams), num_return_sequences=1, pad_token_id=int(pad),
+              temperature=float(sample_temperature) if do_sample else None, top_k=top_k if do_sample else None,
+              top_p=top_p if do_sample else None, stop_strings=stops or None, return_dict_in_generate=False)
+    if gc.eos_token_id is None and eos:
+        gc.eos_token_id = sorted(eos)
+    return gc, int(pad)
+
+
+def _left_padded(chunk: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists, left-padded: every prompt ends at the last column."""
+    width = max(len(x) for x in chunk)
+    input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for r, ids in enumerate(chunk):
+        input_ids[r, width - len(ids):] = torch.tensor(ids)
+        mask[r, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def _generate_batch(model, tok, chunk, gc, pad, eos, stops, streamer, device) -> tuple[list, list, list, float]:
+    """One HF generate call: (token ids, texts, time to first token per row, seconds)."""
+    from transformers import StoppingCriteriaList
+
+    input_ids, mask = _left_padded(chunk, pad)
+    first = _first_call_criterion(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
+                         stopping_criteria=StoppingCriteriaList([first]), streamer=streamer,
+                         tokenizer=tok if stops else None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    rows = [_finish_row(row, tok, eos, pad, stops) for row in out[:, input_ids.shape[1]:].tolist()]
+    ttft = [(first.at if first.at is not None else t1) - t0] * len(rows)
+    return [r[0] for r in rows], [r[1] for r in rows], ttft, t1 - t0
+
+
 def generate(lm, prompts, *, memory=None, knn=None, lam: float = 0.0, max_new_tokens: int = 32, do_sample: bool = False,
              sample_temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
              stop_strings=None, seed: int | None = None, batch_size: int = 8, streamer=None,
-             timer: StageTimer | None = None, progress: bool = False) -> GenerationOutput:
+             timer: StageTimer | None = None, progress: bool = False, system=None) -> GenerationOutput:
     """Generate continuations of ``prompts`` with HF ``generate`` on the base LM mixed with ``memory``
-    or ``knn`` at weight ``lam`` (see :func:`augmented`). ``lm`` is a LoadedModel (model + tokenizer).
+    or ``knn`` (or any :mod:`mlpmemory.systems` ``system``) at weight ``lam`` (see :func:`augmented`).
+    ``lm`` is a LoadedModel (model + tokenizer). Prompts are used as given: a system's prompt
+    transform (RAG) is the caller's (``system.transform_prompts``).
 
     Batches of ``batch_size`` left-padded prompts; at most ``max_new_tokens`` new tokens each (fewer
     only at EOS or a stop string); ``top_k`` / ``top_p`` of None mean no such filtering. ``seed``
     makes sampling reproducible without touching the caller's global RNG state.
     """
     from tqdm.auto import tqdm
-    from transformers import StoppingCriteriaList
 
     model, tok = lm.model, lm.tokenizer
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -256,60 +237,74 @@ def generate(lm, prompts, *, memory=None, knn=None, lam: float = 0.0, max_new_to
     device = next(model.parameters()).device
     timer = timer if timer is not None else StageTimer()
     eos = _eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
-    gc = copy.deepcopy(model.generation_config)
-    gc.update(max_new_tokens=int(max_new_tokens), min_new_tokens=None, min_length=0, do_sample=bool(do_sample),
-              num_beams=int(num_beams), num_return_sequences=1, pad_token_id=int(pad),
-              temperature=float(sample_temperature) if do_sample else None, top_k=top_k if do_sample else None,
-              top_p=top_p if do_sample else None, stop_strings=stops or None, return_dict_in_generate=False)
-    if gc.eos_token_id is None and eos:
-        gc.eos_token_id = sorted(eos)
+    gc, pad = _generation_config(model, tok, eos, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 sample_temperature=sample_temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                                 stops=stops)
     all_ids = [_ids_of(tok, p, i) for i, p in enumerate(prompts)]
     texts, token_ids, ttft = [], [], []
     seconds = 0.0
     cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     rng = torch.random.fork_rng(devices=cuda_ids) if seed is not None else nullcontext()
-    with rng, torch.inference_mode(), augmented(model, memory=memory, knn=knn, lam=lam, timer=timer):
+    with rng, torch.inference_mode(), augmented(model, memory=memory, knn=knn, system=system, lam=lam, timer=timer):
         if seed is not None:
             torch.manual_seed(int(seed))
         for start in tqdm(range(0, len(all_ids), batch_size), desc="generate", unit="batch", disable=not progress,
                           file=sys.stderr):
-            chunk = all_ids[start:start + batch_size]
-            width = max(len(x) for x in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, ids in enumerate(chunk):  # left padding: every prompt ends at the last column
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                mask[r, width - len(ids):] = 1
-            first = _first_call_criterion(device)
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                                 stopping_criteria=StoppingCriteriaList([first]), streamer=streamer,
-                                 tokenizer=tok if stops else None)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            seconds += t1 - t0
-            for row in out[:, width:].tolist():
-                ids, text = _finish_row(row, tok, eos, pad, stops)
-                token_ids.append(ids)
-                texts.append(text)
-                ttft.append((first.at if first.at is not None else t1) - t0)
+            ids, txt, tt, sec = _generate_batch(model, tok, all_ids[start:start + batch_size], gc, pad, eos, stops,
+                                                streamer, device)
+            token_ids += ids
+            texts += txt
+            ttft += tt
+            seconds += sec
     return GenerationOutput(texts=texts, token_ids=token_ids, ttft_s=ttft, seconds=seconds,
                             new_tokens=sum(len(x) for x in token_ids), stage_seconds=dict(timer.totals))
 
 
-def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, batch_size: int = 8) -> list[dict]:
+def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, s in enumerate(seqs):
+        input_ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    return input_ids, mask
+
+
+def _score_batch(model, systems: dict, sites: dict, batch: list[tuple[list[int], list[int]]], pad: int, device) -> list:
+    """Per pair of the batch: {"lm": ..., component: ...} log-probs of its continuation's tokens."""
+    from .capture import capture_inputs
+
+    input_ids, mask = _right_padded([p + c for p, c in batch], pad)
+    with capture_inputs(model, list(sites.values())) as cap:
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    # (row, position) of every scored token: position t predicts token t + 1.
+    rows = [r for r, (_, c) in enumerate(batch) for _ in c]
+    pos = [len(p) - 1 + j for p, c in batch for j in range(len(c))]
+    if not rows:
+        return [{name: np.zeros(0, np.float64) for name in ("lm", *systems)} for _ in batch]
+    r_t, p_t = torch.tensor(rows, device=device), torch.tensor(pos, device=device)
+    targets = input_ids.to(device)[r_t, p_t + 1]
+    comp = {"lm": torch.log_softmax(out.logits[r_t, p_t].float(), -1).gather(-1, targets[:, None])[:, 0]
+            .double().cpu().numpy()}
+    for key, system in systems.items():
+        comp[key] = system.token_logprobs(cap[sites[key].module_path][r_t, p_t], targets)
+    bounds = np.cumsum([0] + [len(c) for _, c in batch])
+    return [{name: v[bounds[j]:bounds[j + 1]].copy() for name, v in comp.items()} for j in range(len(batch))]
+
+
+def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, batch_size: int = 8,
+                        systems=None) -> list[dict]:
     """Teacher-forced log-probs of each continuation's tokens, per component, unmixed.
 
     The sequence is ``tokenizer(prompt).input_ids + tokenizer(continuation, add_special_tokens=False).
     input_ids``; for each pair a dict of float64 arrays (one entry per continuation token): ``"lm"``,
-    plus ``"memory"`` / ``"knn"`` when given, so callers sweep lambda with ``mix_logprobs``. Batches are
-    right-padded (positions unchanged, pads come after every scored token), so batching does not change
-    the result.
+    plus one per system with a lambda (``systems``, default those of ``memory`` / ``knn``), keyed
+    by its ``component`` ("memory", "knn"), so callers sweep lambda with ``mix_logprobs``. Batches
+    are right-padded (positions unchanged, pads come after every scored token), so batching does not
+    change the result.
     """
-    from .capture import capture_inputs, resolve_site
-    from .inference import memory_logprobs
+    from .inference import resolve_input_site
+    from .systems import systems_for
 
     model, tok = lm.model, lm.tokenizer
     if len(prompts) != len(continuations):
@@ -317,47 +312,18 @@ def score_continuations(lm, prompts, continuations, *, memory=None, knn=None, ba
     device = next(model.parameters()).device
     parts = [(_ids_of(tok, p, i), list(tok(c, add_special_tokens=False).input_ids))
              for i, (p, c) in enumerate(zip(prompts, continuations))]
-    sites = {}
-    if memory is not None:
-        sites["memory"] = resolve_site(model, _site_of(memory, None))
-    if knn is not None:
-        sites["knn"] = resolve_site(model, _site_of(None, knn))
+    if systems is None:
+        systems = systems_for(memory=memory, knn=knn)
+    by_key = {s.component: s for s in systems if s.has_lambda}
+    sites = {key: resolve_input_site(model, s.site()) for key, s in by_key.items()}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     results: list[dict | None] = [None] * len(parts)
     order = sorted(range(len(parts)), key=lambda i: -sum(map(len, parts[i])))  # similar lengths share a batch
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            seqs = [parts[i][0] + parts[i][1] for i in idx]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for r, s in enumerate(seqs):
-                input_ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-            with capture_inputs(model, list(sites.values())) as cap:
-                out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-            # (row, position) of every scored token: position t predicts token t + 1.
-            rows = [r for r, i in enumerate(idx) for _ in parts[i][1]]
-            pos = [len(parts[i][0]) - 1 + j for i in idx for j in range(len(parts[i][1]))]
-            if not rows:
-                for i in idx:
-                    results[i] = {name: np.zeros(0, np.float64) for name in ("lm", *sites)}
-                continue
-            r_t, p_t = torch.tensor(rows, device=device), torch.tensor(pos, device=device)
-            targets = input_ids.to(device)[r_t, p_t + 1]
-            comp = {"lm": torch.log_softmax(out.logits[r_t, p_t].float(), -1).gather(-1, targets[:, None])[:, 0]
-                    .double().cpu().numpy()}
-            if "memory" in sites:
-                h = cap[sites["memory"].module_path][r_t, p_t]
-                q = memory_logprobs(memory, h)
-                comp["memory"] = q.gather(-1, targets.to(q.device)[:, None])[:, 0].double().cpu().numpy()
-            if "knn" in sites:
-                h = cap[sites["knn"].module_path][r_t, p_t]
-                comp["knn"] = np.asarray(knn.knn_logprob_of(h, targets.cpu().numpy()), np.float64)
-            bounds = np.cumsum([0] + [len(parts[i][1]) for i in idx])
-            for j, i in enumerate(idx):
-                results[i] = {name: v[bounds[j]:bounds[j + 1]].copy() for name, v in comp.items()}
+            for i, res in zip(idx, _score_batch(model, by_key, sites, [parts[i] for i in idx], pad, device)):
+                results[i] = res
     return results  # type: ignore[return-value]
 
 
@@ -393,21 +359,11 @@ def load_knn(run, nprobe: int | None = None, index_dir=None):
 
 
 def chosen_lambdas(run) -> dict:
-    """{"memory": lambda, "knn_lm": lambda} chosen on validation by ``mlpmem eval-ppl`` (None if absent)."""
-    from .manifest import read_json
+    """{system: lambda} of every system with a lambda ("memory", "knn_lm"), chosen on validation by
+    ``mlpmem eval-ppl`` (None if absent)."""
+    from .systems import chosen_lambda, tuned
 
-    path = run.path("eval") / "ppl.json"
-    out = {"memory": None, "knn_lm": None}
-    if not path.exists():
-        return out
-    ev = read_json(path)
-    systems = (ev.get("test") or {}).get("systems") or {}
-    chosen = (ev.get("validation") or {}).get("chosen") or {}
-    for name in out:
-        lam = (systems.get(name) or {}).get("lambda")
-        lam = lam if lam is not None else (chosen.get(name) or {}).get("lambda")
-        out[name] = float(lam) if lam is not None else None
-    return out
+    return {cls.name: chosen_lambda(run, cls.name) for cls in tuned()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,24 +371,24 @@ def chosen_lambdas(run) -> dict:
 
 @dataclass
 class Options:
-    prompt: str | None = opt(None, "the prompt to continue", "generate")
-    prompt_file: str | None = opt(None, "prompts to continue: .txt (one per line) or .jsonl (a 'prompt' field)", "generate")
-    system: str = opt("memory", "which model generates: the base LM, + MLP memory, or + kNN-LM", "generate",
+    prompt: str | None = opt(None, "the prompt to continue")
+    prompt_file: str | None = opt(None, "prompts to continue: .txt (one per line) or .jsonl (a 'prompt' field)")
+    system: str = opt("memory", "which system generates: the base LM, + MLP memory, + kNN-LM or + RAG (3 BM25 passages before the prompt)",
                       choices=list(SYSTEMS))
     lam: float | None = opt(None, "weight of the memory / kNN distribution (default: the lambda chosen on validation "
-                                  "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)", "generate")
-    max_new_tokens: int = opt(64, "new tokens per prompt (fewer only at EOS or a stop string)", "generate")
-    do_sample: bool = opt(False, "sample instead of greedy / beam search", "generate")
-    sample_temperature: float = opt(1.0, "sampling temperature", "generate")
-    top_k: int | None = opt(None, "sample among the k most likely tokens (default: no top-k filter)", "generate")
-    top_p: float | None = opt(None, "nucleus sampling mass (default: no top-p filter)", "generate")
-    num_beams: int = opt(1, "beam search width (1: greedy or sampling)", "generate")
+                                  "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)")
+    max_new_tokens: int = opt(64, "new tokens per prompt (fewer only at EOS or a stop string)")
+    do_sample: bool = opt(False, "sample instead of greedy / beam search")
+    sample_temperature: float = opt(1.0, "sampling temperature")
+    top_k: int | None = opt(None, "sample among the k most likely tokens (default: no top-k filter)")
+    top_p: float | None = opt(None, "nucleus sampling mass (default: no top-p filter)")
+    num_beams: int = opt(1, "beam search width (1: greedy or sampling)")
     stop: str | None = opt(None, "comma-separated stop strings (\\n, \\t and \\, escapes allowed); the text is cut "
-                                 "before the first one", "generate")
-    gen_seed: int | None = opt(None, "random seed for sampling", "generate")
-    gen_batch_size: int = opt(8, "prompts per generate call (left-padded)", "generate")
-    chat: bool = opt(False, "wrap each prompt in the tokenizer's chat template (when it has one)", "generate")
-    output: str | None = opt(None, "also write JSONL: {prompt, system, lam, text, new_tokens, ttft_s} per prompt", "generate")
+                                 "before the first one")
+    gen_seed: int | None = opt(None, "random seed for sampling")
+    gen_batch_size: int = opt(8, "prompts per generate call (left-padded)")
+    chat: bool = opt(False, "wrap each prompt in the tokenizer's chat template (when it has one)")
+    output: str | None = opt(None, "also write JSONL: {prompt, system, lam, text, new_tokens, ttft_s} per prompt")
 
     def validate(self) -> "Options":
         if (self.prompt is None) == (self.prompt_file is None):
@@ -499,25 +455,22 @@ def main(run, opts: Options) -> None:
     from tqdm.auto import tqdm
     from transformers import TextStreamer
 
+    from .systems import get_system
+
     prompts = [opts.prompt] if opts.prompt is not None else read_prompts(opts.prompt_file)
-    memory = knn = None
-    if opts.system == "memory":
-        memory = load_memory(run)
-    elif opts.system == "knn_lm":
-        knn = load_knn(run)
+    system = get_system(opts.system).load(run)
     lam = 0.0
-    if opts.system != "base":
-        lam = opts.lam if opts.lam is not None else chosen_lambdas(run)[opts.system]
-        if lam is None:
-            lam = memory.config.lambda_default if memory is not None else 0.25
+    if system.has_lambda:
+        lam = opts.lam if opts.lam is not None else system.default_lambda(run)
     lm = run.lm
-    inputs = _chat_wrap(lm.tokenizer, prompts) if opts.chat else prompts
+    inputs, _ = system.transform_prompts(prompts)  # RAG: passages first (retrieved for the prompt itself)
+    inputs = _chat_wrap(lm.tokenizer, inputs) if opts.chat else inputs
     stream = len(prompts) == 1 and opts.num_beams == 1
     streamer = TextStreamer(lm.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     if opts.gen_seed is not None:
         torch.manual_seed(opts.gen_seed)  # once per process: batches draw different random numbers
     timer = StageTimer(lm.device)
-    kw = dict(memory=memory, knn=knn, lam=lam, max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample,
+    kw = dict(system=system, lam=lam, max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample,
               sample_temperature=opts.sample_temperature, top_k=opts.top_k, top_p=opts.top_p,
               num_beams=opts.num_beams, stop_strings=parse_stop(opts.stop), batch_size=opts.gen_batch_size,
               streamer=streamer, timer=timer)

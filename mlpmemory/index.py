@@ -16,13 +16,13 @@ Why it looks the way it does:
 - **Nothing is trusted on load.** The file size, FAISS's own parser, ``ntotal``/``d`` and the
   fingerprint of the datastore it was built from are all checked; a corrupt file is a one-line
   :class:`MLPMemError`, never a C++ traceback. The index file is written to a temp name and
-  renamed, and the manifest goes last, so an interrupted build never looks complete.
+  renamed, and the manifest goes last (:mod:`mlpmemory.stage`), so an interrupted build never
+  looks complete.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,22 +31,24 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import IndexSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
-from .manifest import (MANIFEST, check_file_size, is_complete, read_json, read_manifest, sha256_file,
-                       sha256_json, write_manifest)
+from .io import MANIFEST, atomic_path, check_file_size, read_json, read_manifest, sha256_file, sha256_json
+from .stage import Stage, run_stage
 
 INDEX_FILE = "index.faiss"
 PQ_MIN_TRAIN = 39 * 256  # FAISS wants >= 39 points per centroid; an 8-bit PQ has 256 per sub-quantizer
 MIN_POINTS_PER_LIST = 39
+IVF_FLAT_MAX_BYTES = int(IndexSettings.ivf_flat_max_gb * (1 << 30))
 
 
 def _pow2_nearest(x: float) -> int:
     return 1 << max(0, int(round(math.log2(max(x, 1.0)))))
 
 
-def choose_factory(n: int, d: int, flat_max_rows: int = 300_000, train_samples: int | None = None,
-                   ivf_flat_max_bytes: int = 4 << 30) -> str:
+def choose_factory(n: int, d: int, flat_max_rows: int = IndexSettings.flat_max_rows,
+                   train_samples: int | None = None, ivf_flat_max_bytes: int = IVF_FLAT_MAX_BYTES) -> str:
     """The FAISS factory string for ``n`` keys of dimension ``d``.
 
     Rule:
@@ -194,92 +196,89 @@ def new_index(d: int, factory: str):
     return index
 
 
-def build_index(datastore_dir, index_dir, *, factory: str = "auto", flat_max_rows: int = 300_000,
-                train_samples: int = 200_000, nprobe: int = 32, recall_queries: int = 256,
-                recall_k: int = 64, use_gpu: bool = False, seed: int = 0, add_batch: int = 65_536,
-                ivf_flat_max_bytes: int = 4 << 30) -> dict:
-    """Build (or find already built) the FAISS index of a datastore's keys; returns its manifest."""
-    ds = open_datastore(datastore_dir)
-    index_dir = Path(index_dir)
+def _train_index(index, ds, factory: str, train_samples: int, seed: int, add_batch: int) -> float:
+    """Train an IVF/PQ index on a deterministic sample of the keys; the seconds it took (0 for Flat)."""
+    if index.is_trained:
+        return 0.0
     n, d = ds.n, ds.dim
-    if n == 0:
-        raise MLPMemError(f"datastore at {datastore_dir} is empty; nothing to index")
-    resolved = (choose_factory(n, d, flat_max_rows, train_samples, ivf_flat_max_bytes) if factory == "auto"
-                else factory)
-    settings = {"factory": resolved, "factory_requested": factory, "train_samples": int(train_samples),
-                "nprobe": int(nprobe), "recall_queries": int(recall_queries), "recall_k": int(recall_k),
-                "seed": int(seed)}
-    fingerprint = sha256_json(ds.manifest)
-
-    if is_complete(index_dir):
-        old = read_manifest(index_dir, "index")
-        if old.get("datastore_fingerprint") != fingerprint:
-            raise MLPMemError(f"index at {index_dir} was built from a different datastore; "
-                              "delete it or choose another index directory")
-        for key, value in settings.items():
-            if old.get("settings", {}).get(key) != value:
-                raise MLPMemError(f"index at {index_dir} was built with {key}={old.get('settings', {}).get(key)!r}, "
-                                  f"now {key}={value!r}; delete it or choose another index directory")
-        return old
-    elif (index_dir / MANIFEST).exists():
-        (index_dir / MANIFEST).unlink()  # unfinished leftovers: rebuild from scratch
-    index_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in index_dir.glob(f"{INDEX_FILE}.tmp*"):
-        leftover.unlink()  # from a killed build
-
-    t_start = time.perf_counter()
-    index = new_index(d, resolved)
-    on_gpu = False
-    if use_gpu:
-        index, on_gpu = _to_gpu(index)
-
-    train_seconds = 0.0
-    if not index.is_trained:
-        rows = _sample_rows(n, train_samples, seed)
-        xt = np.empty((len(rows), d), np.float32)
-        for s in range(0, len(rows), add_batch):
-            xt[s:s + add_batch] = ds.keys[rows[s:s + add_batch]]
-        print(f"[index] training {resolved} on {len(rows):,} of {n:,} keys", file=sys.stderr)
-        t0 = time.perf_counter()
-        try:
-            index.train(xt)
-        except RuntimeError as e:
-            raise MLPMemError(f"FAISS could not train {resolved!r} on {len(rows)} keys "
-                              f"({str(e).splitlines()[0]}); use a smaller nlist or factory='auto'") from None
-        train_seconds = time.perf_counter() - t0
-        del xt
-
+    rows = _sample_rows(n, train_samples, seed)
+    xt = np.empty((len(rows), d), np.float32)
+    for s in range(0, len(rows), add_batch):
+        xt[s:s + add_batch] = ds.keys[rows[s:s + add_batch]]
+    print(f"[index] training {factory} on {len(rows):,} of {n:,} keys", file=sys.stderr)
     t0 = time.perf_counter()
-    with tqdm(total=n, desc="index add", unit="row", unit_scale=True) as bar:
-        for s in range(0, n, add_batch):
+    try:
+        index.train(xt)
+    except RuntimeError as e:
+        raise MLPMemError(f"FAISS could not train {factory!r} on {len(rows)} keys "
+                          f"({str(e).splitlines()[0]}); use a smaller nlist or factory='auto'") from None
+    return time.perf_counter() - t0
+
+
+def _add_keys(index, ds, add_batch: int) -> float:
+    """Add every key, ``add_batch`` fp16 rows converted at a time; the seconds it took."""
+    t0 = time.perf_counter()
+    with tqdm(total=ds.n, desc="index add", unit="row", unit_scale=True) as bar:
+        for s in range(0, ds.n, add_batch):
             chunk = np.ascontiguousarray(ds.keys[s:s + add_batch], dtype=np.float32)
             index.add(chunk)
             bar.update(len(chunk))
-    add_seconds = time.perf_counter() - t0
-    _set_nprobe(index, nprobe)
+    return time.perf_counter() - t0
 
-    qrows = _sample_rows(n, recall_queries, seed + 1)
-    queries = np.asarray(ds.keys[qrows], dtype=np.float32)
-    quality = measure_recall(index, ds.keys, queries, recall_k)
+
+def _build_index_files(ds, index_dir: Path, factory: str, settings: dict, fingerprint: str, use_gpu: bool,
+                       add_batch: int) -> dict:
+    """Train, fill, measure and write the index (atomically); returns the manifest fields."""
+    t_start = time.perf_counter()
+    nprobe, seed = settings["nprobe"], settings["seed"]
+    index = new_index(ds.dim, factory)
+    on_gpu = False
+    if use_gpu:
+        index, on_gpu = _to_gpu(index)
+    train_seconds = _train_index(index, ds, factory, settings["train_samples"], seed, add_batch)
+    add_seconds = _add_keys(index, ds, add_batch)
+    _set_nprobe(index, nprobe)
+    queries = np.asarray(ds.keys[_sample_rows(ds.n, settings["recall_queries"], seed + 1)], dtype=np.float32)
+    quality = measure_recall(index, ds.keys, queries, settings["recall_k"])
 
     cpu_index = faiss.index_gpu_to_cpu(index) if on_gpu else index
     _set_nprobe(cpu_index, nprobe)
     path = index_dir / INDEX_FILE
-    tmp = index_dir / f"{INDEX_FILE}.tmp{os.getpid()}"
-    faiss.write_index(cpu_index, str(tmp))
-    os.replace(tmp, path)
-
+    with atomic_path(path) as tmp:
+        faiss.write_index(cpu_index, str(tmp))
     fields = {
-        "factory": resolved, "index_type": type(faiss.downcast_index(cpu_index)).__name__,
-        "params": _index_params(cpu_index, nprobe), "n": int(cpu_index.ntotal), "dim": int(d), "metric": "l2",
+        "factory": factory, "index_type": type(faiss.downcast_index(cpu_index)).__name__,
+        "params": _index_params(cpu_index, nprobe), "n": int(cpu_index.ntotal), "dim": int(ds.dim), "metric": "l2",
         "datastore_fingerprint": fingerprint, "settings": settings, "built_on_gpu": on_gpu,
         **quality, "train_seconds": train_seconds, "add_seconds": add_seconds,
         "build_seconds": time.perf_counter() - t_start,
         "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path),
     }
-    print(f"[index] {resolved}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
+    print(f"[index] {factory}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
           f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s", file=sys.stderr)
-    return write_manifest(index_dir, fields)
+    return fields
+
+
+def build_index(datastore_dir, index_dir, *, factory: str = IndexSettings.index_factory,
+                flat_max_rows: int = IndexSettings.flat_max_rows, train_samples: int = 200_000,
+                nprobe: int = IndexSettings.nprobe, recall_queries: int = 256, recall_k: int = 64,
+                use_gpu: bool = IndexSettings.use_gpu, seed: int = 0, add_batch: int = 65_536,
+                ivf_flat_max_bytes: int = IVF_FLAT_MAX_BYTES) -> dict:
+    """Build (or find already built) the FAISS index of a datastore's keys; returns its manifest."""
+    ds = open_datastore(datastore_dir)
+    index_dir = Path(index_dir)
+    if ds.n == 0:
+        raise MLPMemError(f"datastore at {datastore_dir} is empty; nothing to index")
+    resolved = (choose_factory(ds.n, ds.dim, flat_max_rows, train_samples, ivf_flat_max_bytes) if factory == "auto"
+                else factory)
+    settings = {"factory": resolved, "factory_requested": factory, "train_samples": int(train_samples),
+                "nprobe": int(nprobe), "recall_queries": int(recall_queries), "recall_k": int(recall_k),
+                "seed": int(seed)}
+    fingerprint = sha256_json(ds.manifest)
+    stage = Stage(index_dir, {"datastore_fingerprint": fingerprint, **settings}, "index",
+                  view=lambda m: {"datastore_fingerprint": m.get("datastore_fingerprint"), **m.get("settings", {})})
+    return run_stage(stage, lambda: _build_index_files(ds, index_dir, resolved, settings, fingerprint, use_gpu,
+                                                       add_batch))
 
 
 def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | None = None,

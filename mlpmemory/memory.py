@@ -47,7 +47,7 @@ from torch import nn
 
 from .capture import CaptureSite, _get, resolve_site
 from .errors import MLPMemError
-from .manifest import atomic_write_json, read_json
+from .io import atomic_path, atomic_write_json, read_json
 from .models import resolve_dtype
 
 CONFIG_NAME = "config.json"
@@ -211,9 +211,8 @@ class MLPMemory(nn.Module):
             tensors[name] = t.clone() if ptr in seen else t  # safetensors refuses shared storage
             seen.add(ptr)
         config = self.config.to_dict()
-        tmp = directory / f"{WEIGHTS_NAME}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "mlpmemory_config": json.dumps(config, sort_keys=True)})
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "mlpmemory_config": json.dumps(config, sort_keys=True)})
         atomic_write_json(directory / CONFIG_NAME, config)
 
     @classmethod

@@ -72,30 +72,28 @@ def _csv(s) -> list[str]:
 class Options:
     qa_data: str = opt("nq", "'nq' (the default corpus's Natural Questions, grouped by whether their passage is in "
                              "the memory) or a path: SQuAD JSON (data/paragraphs/qas) or JSONL {question, answers"
-                             "[, id, doc_id, group]}", "eval-qa")
-    qa_name: str | None = opt(None, "results folder <run>/qa/<name> (default: 'nq' or the data file's stem)", "eval-qa")
-    qa_systems: str = opt("base,memory,knn_lm,rag", "systems to evaluate (comma-separated)", "eval-qa")
-    qa_groups: str = opt("in_memory,heldout,not_in_memory", "coverage groups reported (data without doc_id: 'all')",
-                         "eval-qa")
-    qa_limit: int = opt(1000, "reported questions per group, in file order after removing dev and few-shot", "eval-qa")
-    qa_dev: int = opt(200, "dev questions (hash-chosen, stratified over groups; at most half a group) for lambda",
-                      "eval-qa")
+                             "[, id, doc_id, group]}")
+    qa_name: str | None = opt(None, "results folder <run>/qa/<name> (default: 'nq' or the data file's stem)")
+    qa_systems: str = opt("base,memory,knn_lm,rag", "systems to evaluate (comma-separated)")
+    qa_groups: str = opt("in_memory,heldout,not_in_memory", "coverage groups reported (data without doc_id: 'all')")
+    qa_limit: int = opt(1000, "reported questions per group, in file order after removing dev and few-shot")
+    qa_dev: int = opt(200, "dev questions (hash-chosen, stratified over groups; at most half a group) for lambda")
     # 4 shots: on 30 NQ dev questions (SmolLM2-135M) 0-shot left 15 answers empty or malformed, 1/4/8 shots
     # none; 4 had the best gold log-likelihood (-15.11 vs -15.14 / -15.37).
-    few_shot: int = opt(4, "few-shot examples in the prompt (hash-chosen, disjoint from dev and reported)", "eval-qa")
-    qa_lambdas: str = opt("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "lambdas swept on dev", "eval-qa")
+    few_shot: int = opt(4, "few-shot examples in the prompt (hash-chosen, disjoint from dev and reported)")
+    qa_lambdas: str = opt("0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6", "lambdas swept on dev")
     qa_lambda_select: str = opt("loglik", "dev criterion: 'loglik' (gold-answer log-likelihood, one scoring pass) or "
-                                          "'em' (generate on dev per lambda; ties -> smaller lambda)", "eval-qa",
+                                          "'em' (generate on dev per lambda; ties -> smaller lambda)",
                                 choices=["loglik", "em"])
     prompt_template: str = opt(DEFAULT_TEMPLATE, "prompt of one question ({question}); few-shot examples append ' "
-                                                 "<answer>' and are joined by blank lines", "eval-qa")
-    rag_template: str | None = opt(None, "RAG prompt with {passages} and {prompt} (default: rag.rag_prompt)", "eval-qa")
-    chat: bool = opt(False, "use the tokenizer's chat template (few-shot as user/assistant turns)", "eval-qa")
-    qa_max_tokens: int = opt(16, "greedy answer length cap (stops at a newline)", "eval-qa")
-    qa_batch: int = opt(8, "questions per generation batch in the accuracy run", "eval-qa")
-    qa_nprobe: int | None = opt(None, "IVF lists probed by the kNN-LM (default: the run's --nprobe)", "eval-qa")
-    rag_n: int = opt(3, "BM25 passages placed before the prompt for RAG", "eval-qa")
-    latency_questions: int = opt(50, "questions timed one at a time per system (0: no latency table)", "eval-qa")
+                                                 "<answer>' and are joined by blank lines")
+    rag_template: str | None = opt(None, "RAG prompt with {passages} and {prompt} (default: rag.rag_prompt)")
+    chat: bool = opt(False, "use the tokenizer's chat template (few-shot as user/assistant turns)")
+    qa_max_tokens: int = opt(16, "greedy answer length cap (stops at a newline)")
+    qa_batch: int = opt(8, "questions per generation batch in the accuracy run")
+    qa_nprobe: int | None = opt(None, "IVF lists probed by the kNN-LM (default: the run's --nprobe)")
+    rag_n: int = opt(3, "BM25 passages placed before the prompt for RAG")
+    latency_questions: int = opt(50, "questions timed one at a time per system (0: no latency table)")
 
     def validate(self) -> None:
         bad = [s for s in self.systems() if s not in SYSTEMS]
@@ -351,12 +349,137 @@ def _component_fingerprints(run, systems: list[str], nprobe) -> dict:
     return fps
 
 
-def main(run, opts: Options) -> None:
+def _settings_keys(run, opts: Options, systems: list[str], data_fp, shots, dev, report) -> tuple[dict, str, str, dict]:
+    """(common key fields, dev key, whole-evaluation key, component fingerprints)."""
+    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.index.nprobe
+    fps = _component_fingerprints(run, systems, nprobe)
+    prompt_settings = {k: getattr(opts, k) for k in ("few_shot", "prompt_template", "chat", "qa_dev", "qa_groups")}
+    common = {"version": _VERSION, "data": data_fp, "fingerprints": fps, "prompt": prompt_settings,
+              "shots": [s["id"] for s in shots]}
+    dev_key = sha256_json({**common, "dev": [it["id"] for it in dev], "lambdas": opts.lambdas(),
+                           "select": opts.qa_lambda_select,
+                           "max_tokens": opts.qa_max_tokens if opts.qa_lambda_select == "em" else None})
+    key = sha256_json({**common, "settings": asdict(opts), "reported": [it["id"] for it, _ in report]})
+    return common, dev_key, key, fps
+
+
+def _load_systems(run, names_: list[str], opts: Options) -> dict:
+    """The registry's systems named, loaded from the run with this invocation's options."""
+    from .systems import get_system
+
+    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.index.nprobe
+    return {name: get_system(name).load(run, nprobe=nprobe, n_passages=opts.rag_n, rag_template=opts.rag_template)
+            for name in names_}
+
+
+def _dev_lambdas(lm, out: Path, dev_key: str, dev: list[dict], shots: list[dict], systems: dict, opts: Options) -> dict:
+    """{system: lambda} of the systems with a lambda, chosen on dev (cached in dev.json under ``dev_key``)."""
+    comps = {name: s for name, s in systems.items() if s.has_lambda}
+    dev_path = out / "dev.json"
+    dev_res = read_json(dev_path) if dev_path.exists() else {}
+    if dev_res.get("key") != dev_key or set(comps) - set(dev_res.get("systems", {})):
+        t = time.perf_counter()
+        chosen = choose_lambdas(lm, dev, [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in dev],
+                                comps, opts, opts.chat)
+        dev_res = {"key": dev_key, "method": opts.qa_lambda_select, "n_dev": len(dev), "dev_ids": [it["id"] for it in dev],
+                   "systems": chosen, "seconds": round(time.perf_counter() - t, 2)}
+        atomic_write_json(dev_path, dev_res)
+    return {s: dev_res["systems"][s]["lambda"] for s in comps}
+
+
+class _Prompter:
+    """Prompts of a batch of questions as one system reads them (RAG retrieves here, timed)."""
+
+    def __init__(self, lm, shots: list[dict], opts: Options):
+        self.lm, self.shots, self.opts = lm, shots, opts
+
+    def __call__(self, batch: list[dict], system) -> tuple[list[str], list, float]:
+        tok = self.lm.tokenizer
+        if not system.transforms_prompt:
+            return [make_prompt(it["question"], self.shots, self.opts, tok) for it in batch], [None] * len(batch), 0.0
+        t = time.perf_counter()
+        found = system.retrieve([it["question"] for it in batch])
+        sec = time.perf_counter() - t
+        return ([make_prompt(it["question"], self.shots, self.opts, tok, passages=p, system=system)
+                 for it, p in zip(batch, found)], found, sec)
+
+
+def _accuracy(lm, out: Path, common: dict, report: list, systems: dict, lam: dict, prompts_for, opts: Options) -> dict:
+    """{system: prediction rows of the reported questions}: batched, appended per batch, resumable."""
     from tqdm.auto import tqdm
 
+    from .generation import generate
+
+    rows_by_system = {}
+    for name, system in systems.items():
+        pkey = sha256_json({**common, "system": name, "lambda": lam.get(name), "max_tokens": opts.qa_max_tokens,
+                            "rag": [opts.rag_n, opts.rag_template] if system.transforms_prompt else None})
+        path = _start_file(out, name, pkey)
+        done = read_predictions(path)
+        todo = [(it, g) for it, g in report if it["id"] not in done]
+        bar = tqdm(total=len(report), initial=len(report) - len(todo), desc=f"qa {name}", unit="q", file=sys.stderr)
+        for b in range(0, len(todo), opts.qa_batch):
+            batch = todo[b:b + opts.qa_batch]
+            prompts, found, _ = prompts_for([it for it, _ in batch], system)
+            texts = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"],
+                             batch_size=opts.qa_batch, system=system, lam=lam.get(name, 0.0)).texts
+            rows = [_score_row(it, g, t.strip(), **({"passages": [p.doc_id for p in f]} if f else {}))
+                    for (it, g), t, f in zip(batch, texts, found)]
+            _append(path, rows)
+            done.update((r["id"], r) for r in rows)
+            bar.update(len(batch))
+        bar.close()
+        rows_by_system[name] = [done[it["id"]] for it, _ in report]
+    return rows_by_system
+
+
+def _latency_one(lm, system, lam: float, items: list[dict], prompts_for, opts: Options) -> dict:
+    """Batch size 1 on ``items`` after a warm-up: TTFT, tokens/s, retrieval and memory time per question."""
+    from .generation import StageTimer, generate
+
+    prompts, _, _ = prompts_for(items[:1], system)
+    generate(lm, prompts, max_new_tokens=2, batch_size=1, system=system, lam=lam)  # warm-up
+    retrieval, prompts = [], []
+    for it in items:
+        p, _, sec = prompts_for([it], system)
+        prompts += p
+        retrieval.append(sec)
+    timer = StageTimer(lm.device)
+    g = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"], batch_size=1, timer=timer,
+                 system=system, lam=lam)
+    n, totals = len(items), dict(timer.totals)
+    m = {"n": n, "ttft_ms": _percentiles(g.ttft_s), "tokens_per_s": g.new_tokens / max(g.seconds, 1e-9),
+         "new_tokens": g.new_tokens, "seconds": g.seconds, "stage_seconds": totals,
+         "retrieval_ms": None, "memory_ms": None}
+    if system.transforms_prompt:
+        m["retrieval_ms"] = 1000.0 * sum(retrieval) / n
+        m["ttft_with_retrieval_ms"] = _percentiles([a + b for a, b in zip(g.ttft_s, retrieval)])
+    elif "search" in totals:  # a retriever inside the hook (kNN-LM)
+        m["retrieval_ms"] = 1000.0 * (totals.get("search", 0.0) + totals.get("distribution", 0.0)) / n
+    elif "memory_forward" in totals:
+        m["memory_ms"] = 1000.0 * totals.get("memory_forward", 0.0) / n
+    return m
+
+
+def _system_metrics(rows_by_system: dict, cols: list[str], lam: dict) -> dict:
+    result_systems = {}
+    for system, rows in rows_by_system.items():
+        s = {c: group_metrics([r for r in rows if c == "overall" or r["group"] == c]) for c in cols}
+        s["lambda"] = lam.get(system)
+        result_systems[system] = s
+    if "base" in result_systems:
+        base = result_systems["base"]
+        for s in result_systems.values():
+            s["em_vs_base"] = {c: None if s[c]["em"] is None else {
+                "points": s[c]["em"] - base[c]["em"],
+                "relative": (s[c]["em"] / base[c]["em"] - 1) if base[c]["em"] else None} for c in cols}
+    return result_systems
+
+
+def main(run, opts: Options) -> None:
     t_start = time.perf_counter()
     opts.validate()
-    systems = [s for s in SYSTEMS if s in opts.systems()]
+    names_ = [s for s in SYSTEMS if s in opts.systems()]
     default_name, raw, data_fp = load_data(opts.qa_data, run.cfg.run.cache_dir)
     items = dedupe(raw)
     groups = coverage_groups(items, run.path("corpus"), run.cfg.corpus.heldout_fraction)
@@ -369,130 +492,28 @@ def main(run, opts: Options) -> None:
                           "lower --qa-dev / --few-shot or choose other --qa-groups")
     out = run.dir / "qa" / (opts.qa_name or default_name)
     out.mkdir(parents=True, exist_ok=True)
-    nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.index.nprobe
-    fps = _component_fingerprints(run, systems, nprobe)
-    prompt_settings = {k: getattr(opts, k) for k in ("few_shot", "prompt_template", "chat", "qa_dev", "qa_groups")}
-    common = {"version": _VERSION, "data": data_fp, "fingerprints": fps, "prompt": prompt_settings,
-              "shots": [s["id"] for s in shots]}
-    dev_key = sha256_json({**common, "dev": [it["id"] for it in dev], "lambdas": opts.lambdas(),
-                           "select": opts.qa_lambda_select,
-                           "max_tokens": opts.qa_max_tokens if opts.qa_lambda_select == "em" else None})
-    key = sha256_json({**common, "settings": asdict(opts), "reported": [it["id"] for it, _ in report]})
-    ids = {it["id"] for it, _ in report}
+    common, dev_key, key, fps = _settings_keys(run, opts, names_, data_fp, shots, dev, report)
     qa_json = out / "qa.json"
     if qa_json.exists() and read_json(qa_json).get("inputs") == key and all(
-            ids <= set(read_predictions(out / f"predictions.{s}.jsonl")) for s in systems):
+            {it["id"] for it, _ in report} <= set(read_predictions(out / f"predictions.{s}.jsonl")) for s in names_):
         print(format_table(read_json(qa_json)))
         print(f"\nqa: already complete ({qa_json})")
         return
 
-    from .generation import StageTimer, generate, load_knn, load_memory
-
     lm = run.lm
-    comps = {}
-    if "memory" in systems:
-        comps["memory"] = load_memory(run)
-    if "knn_lm" in systems:
-        comps["knn_lm"] = load_knn(run, nprobe=nprobe)
-    retriever = None
-    if "rag" in systems:
-        from .rag import BM25Retriever
-
-        retriever = BM25Retriever.build_or_load(run)
-
-    # Lambdas: dev only, cached in dev.json under the settings that produced them.
-    dev_path = out / "dev.json"
-    dev_res = read_json(dev_path) if dev_path.exists() else {}
-    if dev_res.get("key") != dev_key or set(comps) - set(dev_res.get("systems", {})):
-        t = time.perf_counter()
-        chosen = choose_lambdas(lm, dev, [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in dev],
-                                comps, opts, opts.chat)
-        dev_res = {"key": dev_key, "method": opts.qa_lambda_select, "n_dev": len(dev), "dev_ids": [it["id"] for it in dev],
-                   "systems": chosen, "seconds": round(time.perf_counter() - t, 2)}
-        atomic_write_json(dev_path, dev_res)
-    lam = {s: dev_res["systems"][s]["lambda"] for s in comps}
-
-    def gen_kwargs(system: str) -> dict:
-        if system in comps:
-            return {COMPONENT_KEY[system]: comps[system], "lam": lam[system]}
-        return {}
-
-    def prompts_for(batch: list[dict], system: str) -> tuple[list[str], list, float]:
-        if system != "rag":
-            return [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in batch], [None] * len(batch), 0.0
-        t = time.perf_counter()
-        found = retriever.retrieve([it["question"] for it in batch], opts.rag_n)
-        sec = time.perf_counter() - t
-        return [make_prompt(it["question"], shots, opts, lm.tokenizer, passages=p) for it, p in zip(batch, found)], found, sec
-
-    # Accuracy: batched, appended per batch, resumable.
-    rows_by_system = {}
-    for system in systems:
-        pkey = sha256_json({**common, "system": system, "lambda": lam.get(system), "max_tokens": opts.qa_max_tokens,
-                            "rag": [opts.rag_n, opts.rag_template] if system == "rag" else None})
-        path = _start_file(out, system, pkey)
-        done = read_predictions(path)
-        todo = [(it, g) for it, g in report if it["id"] not in done]
-        bar = tqdm(total=len(report), initial=len(report) - len(todo), desc=f"qa {system}", unit="q", file=sys.stderr)
-        for b in range(0, len(todo), opts.qa_batch):
-            batch = todo[b:b + opts.qa_batch]
-            prompts, found, _ = prompts_for([it for it, _ in batch], system)
-            texts = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"],
-                             batch_size=opts.qa_batch, **gen_kwargs(system)).texts
-            rows = [_score_row(it, g, t.strip(), **({"passages": [p.doc_id for p in f]} if f else {}))
-                    for (it, g), t, f in zip(batch, texts, found)]
-            _append(path, rows)
-            done.update((r["id"], r) for r in rows)
-            bar.update(len(batch))
-        bar.close()
-        rows_by_system[system] = [done[it["id"]] for it, _ in report]
-
-    # Latency: batch size 1, after a warm-up, on the first reported questions.
-    latency = {}
+    systems = _load_systems(run, names_, opts)
+    lam = _dev_lambdas(lm, out, dev_key, dev, shots, systems, opts)
+    prompts_for = _Prompter(lm, shots, opts)
+    rows_by_system = _accuracy(lm, out, common, report, systems, lam, prompts_for, opts)
     lat_items = [it for it, _ in report][:opts.latency_questions]
-    for system in systems if lat_items else []:
-        prompts, _, _ = prompts_for(lat_items[:1], system)
-        generate(lm, prompts, max_new_tokens=2, batch_size=1, **gen_kwargs(system))  # warm-up
-        retrieval = []
-        prompts = []
-        for it in lat_items:
-            p, _, sec = prompts_for([it], system)
-            prompts += p
-            retrieval.append(sec)
-        timer = StageTimer(lm.device)
-        g = generate(lm, prompts, max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"], batch_size=1, timer=timer,
-                     **gen_kwargs(system))
-        n = len(lat_items)
-        totals = dict(timer.totals)
-        m = {"n": n, "ttft_ms": _percentiles(g.ttft_s), "tokens_per_s": g.new_tokens / max(g.seconds, 1e-9),
-             "new_tokens": g.new_tokens, "seconds": g.seconds, "stage_seconds": totals,
-             "retrieval_ms": None, "memory_ms": None}
-        if system == "rag":
-            m["retrieval_ms"] = 1000.0 * sum(retrieval) / n
-            m["ttft_with_retrieval_ms"] = _percentiles([a + b for a, b in zip(g.ttft_s, retrieval)])
-        elif system == "knn_lm":
-            m["retrieval_ms"] = 1000.0 * (totals.get("search", 0.0) + totals.get("distribution", 0.0)) / n
-        elif system == "memory":
-            m["memory_ms"] = 1000.0 * totals.get("memory_forward", 0.0) / n
-        latency[system] = m
+    latency = {name: _latency_one(lm, s, lam.get(name, 0.0), lat_items, prompts_for, opts)
+               for name, s in systems.items()} if lat_items else {}
 
-    # Report.
     cols = wanted + (["overall"] if len(wanted) > 1 else [])
-    result_systems = {}
-    for system in systems:
-        rows = rows_by_system[system]
-        s = {c: group_metrics([r for r in rows if c == "overall" or r["group"] == c]) for c in cols}
-        s["lambda"] = lam.get(system)
-        result_systems[system] = s
-    if "base" in result_systems:
-        base = result_systems["base"]
-        for s in result_systems.values():
-            s["em_vs_base"] = {c: None if s[c]["em"] is None else {
-                "points": s[c]["em"] - base[c]["em"],
-                "relative": (s[c]["em"] / base[c]["em"] - 1) if base[c]["em"] else None} for c in cols}
     fps["lm_fingerprint"] = lm.fingerprint
-    if retriever is not None and (run.dir / "rag_bm25" / "manifest.json").exists():
-        fps["bm25"] = sha256_json(read_json(run.dir / "rag_bm25" / "manifest.json"))
+    for s in systems.values():
+        if getattr(s, "retriever", None) is not None:
+            fps["bm25"] = sha256_json(s.retriever.manifest)
     result = {
         "data": {"name": out.name, "spec": opts.qa_data, "fingerprint": data_fp, "n_questions": len(raw),
                  "n_unique": len(items), "group_sizes": dict(Counter(groups))},
@@ -500,7 +521,7 @@ def main(run, opts: Options) -> None:
         "splits": {"few_shot_ids": [s["id"] for s in shots], "n_dev": len(dev),
                    "dev_by_group": dict(Counter(groups[i] for i in dev_i)),
                    "reported": {g: len(reported_i[g]) for g in wanted}},
-        "systems": result_systems, "system_order": systems,
+        "systems": _system_metrics(rows_by_system, cols, lam), "system_order": names_,
         "lambda_selection": {"method": opts.qa_lambda_select, "n_dev": len(dev), "chosen": lam, "curves": "dev.json"},
         "latency": latency, "settings": asdict(opts), "fingerprints": fps, "inputs": key,
         "seconds": round(time.perf_counter() - t_start, 2),

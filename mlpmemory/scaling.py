@@ -46,12 +46,11 @@ OUT_NAME = "scaling"
 @dataclass
 class Options:
     scaling_blocks: str = opt("1,2,4,8", "memory sizes to train, comma-separated: block counts and/or memory presets "
-                                         "(tiny, small, base, parity)", "scaling")
-    scaling_epochs: float | None = opt(None, "training epochs of every memory in the study (default: the run's --epochs)",
-                                       "scaling")
+                                         "(tiny, small, base, parity)")
+    scaling_epochs: float | None = opt(None, "training epochs of every memory in the study (default: the run's --epochs)")
     scaling_checkpoints: str = opt("0.25,0.5,1", "fractions of the largest memory's training at which it is "
-                                                 "evaluated (perplexity vs training tokens)", "scaling")
-    scaling_out: str | None = opt(None, "output directory (default: <run-dir>/scaling)", "scaling")
+                                                 "evaluated (perplexity vs training tokens)")
+    scaling_out: str | None = opt(None, "output directory (default: <run-dir>/scaling)")
 
     def sizes(self) -> list:
         from .memory import PRESETS
@@ -155,7 +154,7 @@ def _train_size(run, ds, targets, mcfg, settings, out: Path, snapshots: list[flo
     torch.manual_seed(run.cfg.train.seed)
     memory = build_memory(run.lm, mcfg)
     log(f"scaling: training {mcfg.n_blocks} blocks ({memory.num_parameters():,} parameters) into {out}")
-    inputs = OnlineInputs(run.lm, ds, run.path(CORPUS) / "train.i32") if settings.mode == "online" else None
+    inputs = OnlineInputs(run.lm, ds, run.path(CORPUS) / "train.i32") if settings.train_mode == "online" else None
     manifest = train_memory(memory, ds, targets, out, settings, inputs=inputs, device=run.lm.device,
                             identity=identity, snapshots=snapshots)
     return out, manifest

@@ -17,16 +17,15 @@ Why it is written this way:
   (~3 vs ~100 for two sites of the same model), so ``"auto"`` sweeps a grid scaled by the median
   nearest-neighbour distance and keeps the T with the best kNN-LM perplexity on held-out rows.
 - **Shards, written atomically.** Target generation is the longest search of the pipeline; rows
-  are processed in shards, each written to a temp dir and renamed, so a run killed at any point
-  resumes at the first missing shard and yields byte-identical files. Arrays are plain .npy
+  are processed in shards, each written to a temp dir and renamed (``plan.json`` keeps the
+  temperature the first shards were made with), so a run killed at any point resumes at the
+  first missing shard and yields byte-identical files. Arrays are plain .npy
   (CSR: offsets / token_ids / probs), memory-mapped on read so training can gather random rows.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .config import TargetsSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
 from .index import index_fingerprint, load_index
-from .manifest import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
+from .io import atomic_path, read_json, read_manifest, sha256_json
+from .stage import Stage, run_stage
 
 SHARD_FILES = ("offsets", "token_ids", "probs", "next_token")
 SHARD_DTYPES = {"offsets": np.int64, "token_ids": np.int32, "probs": np.float16, "next_token": np.int32}
@@ -173,54 +174,23 @@ def choose_temperature(index, values, heldout, *, k: int, grid=None,
             "n_queries": int(len(rows)), "median_d1": median_d1}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_shard(targets_dir: Path, s: int, arrays: dict, info: dict) -> None:
-    final = targets_dir / f"shard_{s:05d}"
-    tmp = targets_dir / f"shard_{s:05d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name in SHARD_FILES:
-        _save(tmp / f"{name}.npy", np.ascontiguousarray(arrays[name], dtype=SHARD_DTYPES[name]))
-    with open(tmp / "shard.json", "w") as f:
-        json.dump(info, f)
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(targets_dir)
+    """One shard folder of .npy arrays plus shard.json, written under a temporary name and renamed."""
+    with atomic_path(targets_dir / f"shard_{s:05d}") as tmp:
+        tmp.mkdir()
+        for name in SHARD_FILES:
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(arrays[name], dtype=SHARD_DTYPES[name]), allow_pickle=False)
+        (tmp / "shard.json").write_text(json.dumps(info))
 
 
 def _shard_span(s: int, n: int, shard_rows: int) -> tuple[int, int]:
     return s * shard_rows, min(n, (s + 1) * shard_rows)
 
 
-def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k: int = 1024,
-                  temperature: float | str = "auto", min_prob: float = 1e-6, shard_rows: int = 16_384,
-                  batch: int = 1024, nprobe: int | None = None, k_explicit: bool = False) -> dict:
-    """Compute (or resume, or find finished) the kNN targets of every datastore row."""
-    ds = open_datastore(datastore_dir)
-    targets_dir = Path(targets_dir)
-    n = ds.n
-    if n < 2:
-        raise MLPMemError(f"datastore at {datastore_dir} has {n} rows; kNN targets need at least 2")
+def _checked_k_and_temperature(n: int, k: int | None, k_explicit: bool, temperature, min_prob: float, heldout_dir):
+    """``k`` (capped at n - 1 unless given explicitly) and the temperature ("auto" or a float), validated."""
+    k = TargetsSettings(k=k).k_value()
     if k < 1:
         raise MLPMemError(f"k must be >= 1, got {k}")
     if k > n - 1:
@@ -240,55 +210,56 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
         if heldout_dir is None:
             raise MLPMemError("temperature='auto' needs a held-out datastore (heldout_dir) to choose T; "
                               "pass one or give a fixed temperature")
-    elif not float(temperature) > 0:
+        return k, temperature
+    if not float(temperature) > 0:
         raise MLPMemError(f"temperature must be 'auto' or a number > 0, got {temperature!r}")
+    return k, float(temperature)
 
-    index_manifest = read_manifest(index_dir, "index")
-    ds_fp = sha256_json(ds.manifest)
-    if index_manifest.get("datastore_fingerprint") != ds_fp:
-        raise MLPMemError(f"index at {index_dir} was built from a different datastore than {datastore_dir}; "
-                          "rebuild the index for this datastore")
-    eff_nprobe = nprobe if nprobe is not None else index_manifest.get("params", {}).get("nprobe")
-    settings = {"k": int(k), "temperature_requested": temperature if temperature == "auto" else float(temperature),
-                "min_prob": float(min_prob), "shard_rows": int(shard_rows), "nprobe": eff_nprobe,
-                "datastore_fingerprint": ds_fp, "index_fingerprint": index_fingerprint(index_dir)}
-    heldout = None
+
+def _plan(stage: Stage, index, ds, heldout, k: int, temperature, min_prob: float) -> dict:
+    """The temperature of this build: the one a partial build used (plan.json), else chosen now and saved."""
+    plan = stage.resume(PLAN, restart=False)  # resuming: reuse the temperature the finished shards were made with
+    if plan is not None:
+        return plan
+    selection = None
     if temperature == "auto":
-        heldout = open_datastore(heldout_dir, "held-out datastore")
-        settings["heldout_fingerprint"] = sha256_json(heldout.manifest)
+        selection = choose_temperature(index, ds.values, heldout, k=k, min_prob=min_prob)
+        print(f"[targets] auto temperature: T={selection['temperature']:.4g} "
+              f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})", file=sys.stderr)
+    plan = {"temperature": float(selection["temperature"]) if selection else float(temperature),
+            "temperature_selection": selection}
+    stage.save_progress(PLAN, plan)
+    return plan
 
-    def _check(found: dict, where: str) -> None:
-        for key, value in settings.items():
-            if found.get(key) != value:
-                raise MLPMemError(f"targets at {targets_dir} ({where}) were built with {key}={found.get(key)!r}, "
-                                  f"now {key}={value!r}; delete {targets_dir} or choose another directory")
 
-    if is_complete(targets_dir):
-        old = read_manifest(targets_dir, "targets")
-        _check(old.get("settings", {}), "complete")
-        return old
+def _shard_arrays(index, ds, a: int, b: int, batch: int, k: int, t: float, min_prob: float, bar):
+    """The CSR targets of rows [a, b), searched ``batch`` rows at a time; (arrays, nnz, search seconds)."""
+    parts, search_s = [], 0.0
+    for i in range(a, b, batch):
+        j = min(b, i + batch)
+        t0 = time.perf_counter()
+        dists, ids = search_neighbours(index, ds.keys[i:j], k + 1, batch)
+        search_s += time.perf_counter() - t0
+        parts.append(knn_distribution(dists, ids, np.arange(i, j, dtype=np.int64), ds.values, k, t, min_prob))
+        bar.update(j - i)
+        bar.set_postfix(qps=f"{(j - a) / max(search_s, 1e-9):.0f}")
+    offsets = [np.zeros(1, np.int64)]
+    base = 0
+    for off, _, _ in parts:
+        offsets.append(off[1:] + base)
+        base += int(off[-1])
+    arrays = {"offsets": np.concatenate(offsets), "token_ids": np.concatenate([p[1] for p in parts]),
+              "probs": np.concatenate([p[2] for p in parts]), "next_token": np.asarray(ds.values[a:b], dtype=np.int32)}
+    return arrays, base, search_s
 
-    targets_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in targets_dir.glob("shard_*.tmp"):
-        shutil.rmtree(leftover)  # half-written by a killed run
-    index, _ = load_index(index_dir, ds.manifest, nprobe=eff_nprobe)
 
-    plan_path = targets_dir / PLAN
-    if plan_path.exists():  # resuming: reuse the temperature the finished shards were made with
-        plan = read_json(plan_path)
-        _check(plan.get("settings", {}), "partial")
-    else:
-        if temperature == "auto":
-            selection = choose_temperature(index, ds.values, heldout, k=k, min_prob=min_prob)
-            print(f"[targets] auto temperature: T={selection['temperature']:.4g} "
-                  f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})", file=sys.stderr)
-        else:
-            selection = None
-        t_final = float(selection["temperature"]) if selection else float(temperature)
-        plan = {"settings": settings, "temperature": t_final, "temperature_selection": selection}
-        atomic_write_json(plan_path, plan)
+def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_prob: float, shard_rows: int,
+                 batch: int, nprobe) -> dict:
+    """Compute every missing shard (a killed run resumes at the first one); returns the manifest fields."""
+    targets_dir, n, settings = stage.dir, ds.n, stage.identity
+    index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe)
+    plan = _plan(stage, index, ds, heldout, k, temperature, min_prob)
     t_final = float(plan["temperature"])
-
     n_shards = (n + shard_rows - 1) // shard_rows
     with tqdm(total=n, desc="knn targets", unit="row", unit_scale=True) as bar:
         for s in range(n_shards):
@@ -296,40 +267,52 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
             if (targets_dir / f"shard_{s:05d}").is_dir():
                 bar.update(b - a)
                 continue
-            parts, search_s = [], 0.0
-            for i in range(a, b, batch):
-                j = min(b, i + batch)
-                t0 = time.perf_counter()
-                dists, ids = search_neighbours(index, ds.keys[i:j], k + 1, batch)
-                search_s += time.perf_counter() - t0
-                parts.append(knn_distribution(dists, ids, np.arange(i, j, dtype=np.int64), ds.values,
-                                              k, t_final, min_prob))
-                bar.update(j - i)
-                bar.set_postfix(qps=f"{(j - a) / max(search_s, 1e-9):.0f}")
-            offsets = [np.zeros(1, np.int64)]
-            base = 0
-            for off, _, _ in parts:
-                offsets.append(off[1:] + base)
-                base += int(off[-1])
-            arrays = {"offsets": np.concatenate(offsets),
-                      "token_ids": np.concatenate([p[1] for p in parts]),
-                      "probs": np.concatenate([p[2] for p in parts]),
-                      "next_token": np.asarray(ds.values[a:b], dtype=np.int32)}
-            _write_shard(targets_dir, s, arrays, {"start": a, "end": b, "nnz": base, "search_seconds": search_s})
-
-    nnz, search_s = 0, 0.0
-    for s in range(n_shards):
-        info = read_json(targets_dir / f"shard_{s:05d}" / "shard.json")
-        nnz += int(info["nnz"])
-        search_s += float(info["search_seconds"])
+            arrays, nnz, search_s = _shard_arrays(index, ds, a, b, batch, k, t_final, min_prob, bar)
+            _write_shard(targets_dir, s, arrays, {"start": a, "end": b, "nnz": nnz, "search_seconds": search_s})
+    infos = [read_json(targets_dir / f"shard_{s:05d}" / "shard.json") for s in range(n_shards)]
+    nnz = sum(int(info["nnz"]) for info in infos)
+    search_s = sum(float(info["search_seconds"]) for info in infos)
     fields = {"settings": settings, "k": int(k), "temperature": t_final,
               "temperature_selection": plan["temperature_selection"], "min_prob": float(min_prob),
               "shard_rows": int(shard_rows), "n_shards": n_shards, "n": n, "nnz": nnz, "mean_nnz": nnz / n,
-              "datastore_fingerprint": ds_fp, "index_fingerprint": settings["index_fingerprint"],
+              "datastore_fingerprint": settings["datastore_fingerprint"],
+              "index_fingerprint": settings["index_fingerprint"],
               "search_seconds": search_s, "queries_per_s": n / search_s if search_s > 0 else None}
     print(f"[targets] {n:,} rows, {nnz / n:.1f} non-zeros per row, T={t_final:.4g}, "
           f"{fields['queries_per_s'] or 0:.0f} queries/s", file=sys.stderr)
-    return write_manifest(targets_dir, fields)
+    return fields
+
+
+def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k: int | None = TargetsSettings.k,
+                  temperature: float | str = TargetsSettings.temperature, min_prob: float = TargetsSettings.min_prob,
+                  shard_rows: int = TargetsSettings.shard_rows, batch: int = TargetsSettings.search_batch,
+                  nprobe: int | None = None, k_explicit: bool = False) -> dict:
+    """Compute (or resume, or find finished) the kNN targets of every datastore row.
+
+    ``k=None`` is the default number of neighbours, capped at the datastore's size; an explicit
+    ``k`` larger than the datastore is an error with ``k_explicit``. ``nprobe=None`` searches with
+    the index's own setting.
+    """
+    ds = open_datastore(datastore_dir)
+    if ds.n < 2:
+        raise MLPMemError(f"datastore at {datastore_dir} has {ds.n} rows; kNN targets need at least 2")
+    k, temperature = _checked_k_and_temperature(ds.n, k, k_explicit, temperature, min_prob, heldout_dir)
+    index_manifest = read_manifest(index_dir, "index")
+    ds_fp = sha256_json(ds.manifest)
+    if index_manifest.get("datastore_fingerprint") != ds_fp:
+        raise MLPMemError(f"index at {index_dir} was built from a different datastore than {datastore_dir}; "
+                          "rebuild the index for this datastore")
+    eff_nprobe = nprobe if nprobe is not None else index_manifest.get("params", {}).get("nprobe")
+    settings = {"k": int(k), "temperature_requested": temperature, "min_prob": float(min_prob),
+                "shard_rows": int(shard_rows), "nprobe": eff_nprobe, "datastore_fingerprint": ds_fp,
+                "index_fingerprint": index_fingerprint(index_dir)}
+    heldout = None
+    if temperature == "auto":
+        heldout = open_datastore(heldout_dir, "held-out datastore")
+        settings["heldout_fingerprint"] = sha256_json(heldout.manifest)
+    stage = Stage(targets_dir, settings, "targets", view=lambda m: m.get("settings", {}))
+    return run_stage(stage, lambda: _fill_shards(stage, index_dir, ds, heldout, k, temperature, min_prob, shard_rows,
+                                                 batch, eff_nprobe))
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -29,33 +29,22 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import TrainSettings
 from .errors import MLPMemError
-from .manifest import atomic_write_json, read_json, sha256_json, write_manifest
+from .io import atomic_path, atomic_write_json, read_json, remove_path, sha256_json
+from .stage import Stage, run_stage
+
+__all__ = ["TrainSettings", "train_memory", "OfflineInputs", "OnlineInputs", "training_fingerprint", "evaluate_loss",
+           "lr_at", "split_rows", "batch_rows_at", "snapshot_steps", "snapshot_dir", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint"
-
-
-@dataclass
-class TrainSettings:
-    alpha: float = 0.4
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.03
-    epochs: float = 1.0
-    batch_rows: int = 1024
-    grad_clip: float = 1.0
-    seed: int = 0
-    val_rows: int = 2048
-    checkpoint_every: int = 100
-    mode: str = "offline"
-    autocast: str = "auto"
 
 
 def lr_at(step: int, total: int, s: TrainSettings) -> float:
@@ -199,24 +188,23 @@ def _step_loss(memory, x, offsets, ids, probs, nxt, alpha: float, device, amp):
 
 
 def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
-    tmp = out / (CHECKPOINT + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in memory.state_dict().items()}, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
-    for pid, st in optimizer.state_dict()["state"].items():
-        for key, val in st.items():
-            opt_tensors[f"{pid}.{key}"] = torch.as_tensor(val).detach().contiguous().clone()
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "optimizer.json", opt_meta)
-    atomic_write_json(tmp / "state.json", state)
-    final = out / CHECKPOINT
-    old = out / (CHECKPOINT + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Weights, AdamW moments and the step, swapped in atomically (the previous one kept as .old until then)."""
+    final, old = out / CHECKPOINT, out / (CHECKPOINT + ".old")
+    remove_path(old)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().clone() for k, v in memory.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
+        for pid, st in optimizer.state_dict()["state"].items():
+            for key, val in st.items():
+                opt_tensors[f"{pid}.{key}"] = torch.as_tensor(val).detach().contiguous().clone()
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", opt_meta)
+        atomic_write_json(tmp / "state.json", state)
+        if final.exists():
+            os.replace(final, old)  # a crash before the rename below leaves .old, which resume reads
+    remove_path(old)
 
 
 def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
@@ -237,117 +225,148 @@ def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
     return read_json(ck / "state.json")
 
 
-def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, settings: TrainSettings, *,
-                 inputs=None, device: torch.device | str = "cpu", progress: bool = True,
-                 identity: dict | None = None, stop_after_steps: int | None = None, snapshots=()) -> dict:
-    """Train ``memory`` on (datastore inputs, kNN targets); save it to ``out_dir``; return its manifest.
-
-    Re-running a finished training with the same settings is a no-op; an interrupted one resumes
-    from its last checkpoint. ``stop_after_steps`` ends the process early, as a kill would (tests).
-    ``snapshots``: fractions of the training (e.g. ``(0.25, 0.5)``) after which the weights are
-    saved to ``out_dir/snapshots/step_<n>/`` (a loadable memory) with their validation loss; the
-    manifest lists them under ``"snapshots"``. They do not change the training or its fingerprint.
-    """
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    device = torch.device(device)
-    s = settings
-    if not 0.0 <= s.alpha <= 1.0:
-        raise MLPMemError(f"--alpha must be within [0, 1], got {s.alpha}")
-    if len(targets) != datastore.n:
-        raise MLPMemError(f"targets have {len(targets)} rows but the datastore has {datastore.n}; rebuild the targets")
-    fingerprint = training_fingerprint(s, memory.config, targets, identity)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        found = read_json(manifest_path)
-        if found.get("complete") and found.get("training_fingerprint") == fingerprint:
-            return found
-    inputs = inputs or OfflineInputs(datastore)
+def _schedule(datastore, s: TrainSettings, snapshots) -> dict:
+    """Rows held out for validation, rows trained on, the batch, the number of steps and the snapshot steps."""
     train_rows, val_rows = split_rows(datastore.n, s.val_rows, s.seed)
     if len(train_rows) < 1:
         raise MLPMemError("the datastore is too small to train on")
-    batch = min(s.batch_rows, len(train_rows))
+    batch = min(s.train_batch, len(train_rows))
     total = max(1, int(math.ceil(s.epochs * (len(train_rows) // batch or 1))))
-    snap_steps = snapshot_steps(snapshots, total)
+    return {"train_rows": train_rows, "val_rows": val_rows, "batch": batch, "total": total,
+            "snap_steps": snapshot_steps(snapshots, total)}
 
-    torch.manual_seed(s.seed)
-    memory.to(device).train()
-    optimizer = _make_optimizer(memory, s, device)
-    state = {"step": 0, "fingerprint": fingerprint, "log": []}
-    out.mkdir(parents=True, exist_ok=True)
+
+def _resume_state(stage: Stage, memory, optimizer, fingerprint: str) -> dict:
+    """The state of an interrupted training with this fingerprint (weights and moments loaded), else a fresh one."""
+    out = stage.dir
     loaded = _load_checkpoint(out, memory, optimizer)
-    if loaded is not None and loaded.get("fingerprint") == fingerprint:
-        state = loaded
-    elif loaded is not None:
-        raise MLPMemError(f"{out} holds a checkpoint of a different training run (other settings); "
-                          "delete it or choose another output directory")
     if loaded is None:  # a fresh start: snapshots of an earlier, other training are stale
         shutil.rmtree(out / "snapshots", ignore_errors=True)
-    amp = autocast_dtype(s.autocast, device)
-    vocab_params = memory.config.vocab_size * memory.config.hidden_size
-    flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
+        return {"step": 0, "fingerprint": fingerprint, "log": []}
+    if loaded.get("fingerprint") != fingerprint:
+        raise stage.mismatch_error(f"training_fingerprint={loaded.get('fingerprint')!r} but now "
+                                   f"training_fingerprint={fingerprint!r}", f" (unfinished: {CHECKPOINT})")
+    return loaded
+
+
+def _train_step(memory, optimizer, inputs, targets, rows, step: int, plan: dict, s: TrainSettings, device, amp,
+                out: Path) -> dict:
+    """One optimizer step on ``rows``; its loss terms, gradient norm and learning rate."""
+    offsets, ids, probs, nxt = targets.get(rows)
+    x = inputs(rows).to(device)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, plan["total"], s)
+    loss, kl, ce = _step_loss(memory, x, offsets, ids, probs, nxt, s.alpha, device, amp)
+    if not torch.isfinite(loss):
+        raise MLPMemError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
+                          f"(step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in {out / CHECKPOINT}; "
+                          "lower --lr or check the targets")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), s.grad_clip)
+    optimizer.step()
+    return {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "grad_norm": float(gnorm),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _snapshot(memory, inputs, targets, plan: dict, state: dict, s: TrainSettings, device, amp, out: Path) -> None:
+    """Save the weights at this step with their validation loss (recorded in ``state``)."""
+    snap = {"step": state["step"], "rows_seen": state["step"] * plan["batch"],
+            "validation": evaluate_loss(memory, inputs, targets, plan["val_rows"], s.alpha, device, amp)}
+    memory.save_pretrained(snapshot_dir(out, state["step"]))
+    state["snapshots"] = [x for x in state.get("snapshots", []) if x["step"] != snap["step"]] + [snap]
+
+
+def _train_loop(memory, optimizer, inputs, targets, plan: dict, state: dict, s: TrainSettings, device, amp,
+                out: Path, progress: bool, stop_after_steps: int | None) -> dict | None:
+    """Steps until the end (checkpoints and snapshots on the way); None when stopped by ``stop_after_steps``."""
+    from tqdm.auto import tqdm
+
+    total, snap_steps = plan["total"], plan["snap_steps"]
     bar = tqdm(total=total, initial=state["step"], desc="train memory", unit="step", disable=not progress)
-    peak = measure_matmul_peak(device, amp) if state["step"] < total else None
-    t0, rows_done = time.perf_counter(), 0
-    last = {}
+    t0, rows_done, last = time.perf_counter(), 0, {}
     try:
         while state["step"] < total:
             step = state["step"]
             if stop_after_steps is not None and step >= stop_after_steps:
-                return {}
-            rows = batch_rows_at(train_rows, step, batch, s.seed)
-            offsets, ids, probs, nxt = targets.get(rows)
-            x = inputs(rows).to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total, s)
-            loss, kl, ce = _step_loss(memory, x, offsets, ids, probs, nxt, s.alpha, device, amp)
-            if not torch.isfinite(loss):
-                raise MLPMemError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
-                                  f"(step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in {out / CHECKPOINT}; "
-                                  "lower --lr or check the targets")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), s.grad_clip)
-            optimizer.step()
+                return None
+            rows = batch_rows_at(plan["train_rows"], step, plan["batch"], s.seed)
+            last = _train_step(memory, optimizer, inputs, targets, rows, step, plan, s, device, amp, out)
             state["step"] = step + 1
             rows_done += len(rows)
-            elapsed = time.perf_counter() - t0
-            last = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "grad_norm": float(gnorm),
-                    "lr": optimizer.param_groups[0]["lr"], "rows_per_s": rows_done / elapsed}
+            last["rows_per_s"] = rows_done / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last['loss']:.3f}", kl=f"{last['kl']:.3f}", ce=f"{last['ce']:.3f}",
                             tok_s=f"{last['rows_per_s']:.0f}", refresh=False)
             bar.update(1)
             if state["step"] in snap_steps:  # before the checkpoint: a crash in between redoes this step
                 tick = time.perf_counter()
-                snap = {"step": state["step"], "rows_seen": state["step"] * batch,
-                        "validation": evaluate_loss(memory, inputs, targets, val_rows, s.alpha, device, amp)}
-                memory.save_pretrained(snapshot_dir(out, state["step"]))
-                state["snapshots"] = [x for x in state.get("snapshots", []) if x["step"] != snap["step"]] + [snap]
+                _snapshot(memory, inputs, targets, plan, state, s, device, amp, out)
                 t0 += time.perf_counter() - tick  # keep rows/s about training only
             if state["step"] % s.checkpoint_every == 0 or state["step"] == total or state["step"] in snap_steps:
                 state["log"].append(last)
                 _save_checkpoint(out, memory, optimizer, state)
     finally:
         bar.close()
-    loop_seconds = time.perf_counter() - t0
-    val = evaluate_loss(memory, inputs, targets, val_rows, s.alpha, device, amp)
+    return {"last": last, "rows_done": rows_done, "loop_seconds": time.perf_counter() - t0}
+
+
+def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, device, progress: bool,
+           identity: dict | None, stop_after_steps: int | None, snapshots) -> dict | None:
+    """Train (or resume) and save the memory; returns the manifest fields, or None when stopped early."""
+    out, fingerprint = stage.dir, stage.identity["training_fingerprint"]
+    inputs = inputs or OfflineInputs(datastore)
+    plan = _schedule(datastore, s, snapshots)
+    torch.manual_seed(s.seed)
+    memory.to(device).train()
+    optimizer = _make_optimizer(memory, s, device)
+    state = _resume_state(stage, memory, optimizer, fingerprint)
+    amp = autocast_dtype(s.autocast, device)
+    flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
+    peak = measure_matmul_peak(device, amp) if state["step"] < plan["total"] else None
+    run = _train_loop(memory, optimizer, inputs, targets, plan, state, s, device, amp, out, progress, stop_after_steps)
+    if run is None:
+        return None
+    val = evaluate_loss(memory, inputs, targets, plan["val_rows"], s.alpha, device, amp)
     memory.eval()
     memory.save_pretrained(out)
-    rows_per_s = rows_done / loop_seconds if rows_done else None
-    manifest = write_manifest(out, {
-        "training_fingerprint": fingerprint, "settings": asdict(s), "steps": total, "batch_rows": batch,
-        "train_rows": int(len(train_rows)), "val_rows": int(len(val_rows)), "final_train": last, "validation": val,
-        "memory_params": int(sum(p.numel() for p in memory.parameters())), "head_params": int(vocab_params),
+    rows_per_s = run["rows_done"] / run["loop_seconds"] if run["rows_done"] else None
+    return {
+        "training_fingerprint": fingerprint, "settings": asdict(s), "steps": plan["total"], "batch_rows": plan["batch"],
+        "train_rows": int(len(plan["train_rows"])), "val_rows": int(len(plan["val_rows"])), "final_train": run["last"],
+        "validation": val, "memory_params": int(sum(p.numel() for p in memory.parameters())),
+        "head_params": int(memory.config.vocab_size * memory.config.hidden_size),
         "rows_per_s_this_session": rows_per_s, "flops_per_row": flops_per_row,
         "achieved_flops_per_s": flops_per_row * rows_per_s if rows_per_s else None,
         "matmul_peak_flops_per_s": peak, "autocast": str(amp).replace("torch.", "") if amp else "off",
         "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"],
         "snapshots": [{**x, "dir": str(snapshot_dir(out, x["step"]).relative_to(out))} for x in state.get("snapshots", [])],
         **(identity or {}),
-    })
-    # The checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run.
-    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    }
+
+
+def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, settings: TrainSettings, *,
+                 inputs=None, device: torch.device | str = "cpu", progress: bool = True,
+                 identity: dict | None = None, stop_after_steps: int | None = None, snapshots=()) -> dict:
+    """Train ``memory`` on (datastore inputs, kNN targets); save it to ``out_dir``; return its manifest.
+
+    Re-running a finished training with the same settings is a no-op; with other settings it is
+    trained again. An interrupted one resumes from its last checkpoint. ``stop_after_steps`` ends
+    the process early, as a kill would (tests), and returns ``{}``.
+    ``snapshots``: fractions of the training (e.g. ``(0.25, 0.5)``) after which the weights are
+    saved to ``out_dir/snapshots/step_<n>/`` (a loadable memory) with their validation loss; the
+    manifest lists them under ``"snapshots"``. They do not change the training or its fingerprint.
+    """
+    s = settings
+    if not 0.0 <= s.alpha <= 1.0:
+        raise MLPMemError(f"--alpha must be within [0, 1], got {s.alpha}")
+    if len(targets) != datastore.n:
+        raise MLPMemError(f"targets have {len(targets)} rows but the datastore has {datastore.n}; rebuild the targets")
+    fingerprint = training_fingerprint(s, memory.config, targets, identity)
+    stage = Stage(out_dir, {"training_fingerprint": fingerprint}, "memory", on_mismatch="rebuild")
+    manifest = run_stage(stage, lambda: _train(memory, datastore, targets, stage, s, inputs, torch.device(device),
+                                               progress, identity, stop_after_steps, snapshots))
+    if manifest:  # the checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run
+        shutil.rmtree(stage.dir / CHECKPOINT, ignore_errors=True)
     return manifest
 
 

@@ -31,7 +31,7 @@ def new_memory(lm):
     return build_memory(lm, cfg)
 
 
-SETTINGS = TrainSettings(epochs=3, batch_rows=128, checkpoint_every=2, val_rows=64, lr=3e-3, autocast="off")
+SETTINGS = TrainSettings(epochs=3, train_batch=128, checkpoint_every=2, val_rows=64, lr=3e-3, autocast="off")
 
 
 def test_resume_gives_the_same_weights(built, tiny_llama, tmp_path):

@@ -1,0 +1,60 @@
+"""The base LM + in-context retrieval: BM25 passages of the memory's own corpus put before the prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import MLPMemError
+from . import System
+
+
+class RAGSystem(System):
+    name = "rag"
+    label = "+ RAG (in-context)"
+    component = "rag"
+    transforms_prompt = True
+
+    def __init__(self, retriever=None, n_passages: int = 3, template: str | None = None, scored: dict | None = None):
+        """``retriever``: a :class:`mlpmemory.rag.BM25Retriever`; ``template``: a format string with
+        ``{passages}`` and ``{prompt}`` (default :func:`mlpmemory.rag.rag_prompt`); ``scored``: eval-ppl's
+        ``{"logprob": (N,) log-probs of the test tokens, **fields}`` (from ``cached_ralm_logprobs``)."""
+        self.retriever, self.n_passages, self.template, self.scored = retriever, int(n_passages), template, scored
+
+    @classmethod
+    def load(cls, run, n_passages: int = 3, rag_template: str | None = None, **options) -> "RAGSystem":
+        from ..rag import BM25Retriever
+
+        return cls(BM25Retriever.build_or_load(run), n_passages, rag_template)
+
+    @classmethod
+    def from_components(cls, rag: dict | None = None, **components):
+        return cls(scored=rag) if rag is not None else None
+
+    def retrieve(self, queries: list[str]) -> list[list]:
+        return self.retriever.retrieve(list(queries), self.n_passages)
+
+    def prompt_with(self, prompt: str, passages) -> str:
+        if self.template is None:
+            from ..rag import rag_prompt
+
+            return rag_prompt(passages, prompt)
+        return self.template.format(passages="\n\n".join(p.text for p in passages), prompt=prompt)
+
+    def eval_logprobs(self, ds, *, choice=None, batch: int = 4096, progress: bool = True):
+        if self.scored is None:
+            raise MLPMemError("the RAG system scores an eval dir from precomputed log-probs (rag.cached_ralm_logprobs)")
+        lp = np.asarray(self.scored["logprob"], dtype=np.float64)
+        if lp.shape != (ds.n,):
+            raise MLPMemError(f"the RAG log-probs cover {lp.shape[0]} tokens but the test eval dir {ds.path} has "
+                              f"{ds.n}; compute them over the same text and windows")
+        return lp
+
+    def report_fields(self, comps: dict, choice: dict | None) -> dict:
+        return {**{k: v for k, v in (self.scored or {}).items() if k != "logprob"}, "tokens_scored": len(comps["lm"])}
+
+    @classmethod
+    def table_name(cls, row: dict) -> str:
+        st = row.get("settings")
+        if not st:
+            return cls.name
+        return f"rag (BM25 top-{st.get('n_passages')}, every {st.get('retrieve_every')} tokens)"
