@@ -55,7 +55,7 @@ TRAIN_SAMPLES = 100_000  # IVF/PQ training sample (deterministic), enough for >=
 
 __all__ = [
     "SYSTEMS", "TRAIN_SAMPLES", "Options", "percentile", "reset_peak_rss", "memory_state", "prefix_factories",
-    "prefix_index", "System", "Bench", "split", "decode_runs", "measure_system", "decode_rates", "load_prompts",
+    "prefix_index", "Entry", "Bench", "split", "decode_runs", "measure_system", "decode_rates", "load_prompts",
     "machine_info", "main", "run_scaling",
     # moved to bench_report, re-exported: tests and scripts use them as mlpmemory.bench.<name>
     "LABELS", "STAGE_ORDER", "base_flops_per_token", "memory_flops_per_token", "flop_report", "format_markdown",
@@ -213,12 +213,12 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
 # -------- Systems and the timed loops -----------------------------------------------------------
 
 @dataclass
-class System:
+class Entry:
+    """One measured system: a :mod:`mlpmemory.systems` instance (the kNN-LM variants ``knn_exact`` /
+    ``knn_ivfpq`` are the kNN-LM system over another index), its lambda and what the report says of it."""
     name: str
-    memory: object = None
-    knn: object = None
+    system: object
     lam: float = 0.0
-    retriever: object = None
     info: dict | None = None
 
 
@@ -242,17 +242,15 @@ class Bench:
 
         return StageTimer(self.device)
 
-    def inputs(self, system: System, rows: list[int], timer, room: int = 0):
-        """(input_ids, attention_mask, position_ids) of prompts ``rows``; RAG retrieves here (timed)."""
-        if system.retriever is None:
+    def inputs(self, entry: Entry, rows: list[int], timer, room: int = 0):
+        """(input_ids, attention_mask, position_ids) of prompts ``rows``; a prompt transform (RAG's
+        retrieval) runs here, timed."""
+        if not entry.system.transforms_prompt:
             ids = self.ids[rows]
             return ids, torch.ones_like(ids), None
-        from .rag import rag_prompt
-
         with timer.section("retrieval"):
-            texts = [self.texts[r] for r in rows]
-            found = system.retriever.retrieve(texts, self.rag_n)
-            seqs = [self.lm.tokenizer(rag_prompt(p, t), add_special_tokens=False).input_ids for p, t in zip(found, texts)]
+            prompts, _ = entry.system.transform_prompts([self.texts[r] for r in rows])
+            seqs = [self.lm.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
             limit = self.max_pos - room
             self.rag_truncated += sum(len(s) > limit for s in seqs)
             seqs = [s[-limit:] for s in seqs]  # over the model's window: drop the oldest passage text
@@ -264,7 +262,7 @@ class Bench:
             ids, mask = ids.to(self.device), mask.to(self.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-    def prefill(self, system: System, batch: int, n_rows: int) -> dict:
+    def prefill(self, system: Entry, batch: int, n_rows: int) -> dict:
         """One scoring pass over ``n_rows`` prompts (cycled) in batches: seconds, useful tokens, stages."""
         timer, total, useful = self.timer(), 0.0, 0
         rows = [i % len(self.ids) for i in range(n_rows)]
@@ -272,13 +270,13 @@ class Bench:
             for s in range(0, len(rows), batch):
                 t0 = _now(self.device)
                 ids, mask, pos = self.inputs(system, rows[s:s + batch], timer)
-                keep = self.ids.shape[1] if system.retriever is not None else 0  # RAG: logits of the prompt only
+                keep = self.ids.shape[1] if system.system.transforms_prompt else 0  # RAG: logits of the prompt only
                 self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self.keep(keep))
                 total += _now(self.device) - t0
                 useful += len(rows[s:s + batch]) * self.ids.shape[1]
         return {"seconds": total, "tokens": useful, "stages": split(total, timer)}
 
-    def decode(self, system: System, rows: list[int], steps: int) -> dict:
+    def decode(self, system: Entry, rows: list[int], steps: int) -> dict:
         """Greedy decoding of ``steps + 1`` tokens with the KV cache: TTFT and per-step latencies."""
         t_pre, t_dec = self.timer(), self.timer()
         t0 = _now(self.device)
@@ -297,13 +295,9 @@ class Bench:
                 step_s.append(_now(self.device) - t)
         return {"ttft_s": ttft, "step_s": step_s, "stages": split(sum(step_s), t_dec)}
 
-    def hooks(self, system: System, timer):
-        """The exact hooks generation uses (none for base and RAG)."""
-        from .generation import augmented
-
-        if system.memory is None and system.knn is None:
-            return contextlib.nullcontext()
-        return augmented(self.model, memory=system.memory, knn=system.knn, lam=system.lam, timer=timer)
+    def hooks(self, entry: Entry, timer):
+        """The exact hooks generation uses: the system's own (none for base and RAG)."""
+        return entry.system.hook(self.model, entry.lam, timer)
 
 
 def split(total: float, timer) -> dict:
@@ -319,7 +313,7 @@ def _rate_summary(runs: list[dict], tokens_key: str) -> dict:
     return {"tokens_per_s": float(np.median(rates)), "stage_s_per_token": per_tok, "repeats": len(runs), "runs": runs}
 
 
-def decode_runs(bench: Bench, system: System, groups: list[list[int]], steps: int, repeats: int) -> dict:
+def decode_runs(bench: Bench, system: Entry, groups: list[list[int]], steps: int, repeats: int) -> dict:
     """Repeated greedy decoding of every group of prompts (one batch each): tokens/s, latency, TTFT."""
     runs = []
     for _ in range(repeats):
@@ -334,7 +328,7 @@ def decode_runs(bench: Bench, system: System, groups: list[list[int]], steps: in
     return {**out, "batch": len(groups[0]), "new_tokens_per_prompt": steps + 1}
 
 
-def measure_system(bench: Bench, system: System, opts: Options) -> dict:
+def measure_system(bench: Bench, system: Entry, opts: Options) -> dict:
     """Prefill at batch 1 and 8 and batch-1 decode (latency, TTFT): one warm-up, then the repeats."""
     p, steps = len(bench.ids), opts.bench_decode_tokens - 1
     bench.prefill(system, 1, 1), bench.prefill(system, 8, 8), bench.decode(system, [0], min(steps, 2))  # warm-up
@@ -347,7 +341,7 @@ def measure_system(bench: Bench, system: System, opts: Options) -> dict:
             "decode": decode_runs(bench, system, [[i] for i in range(p)], steps, opts.bench_repeats)}
 
 
-def decode_rates(bench: Bench, system: System, opts: Options) -> dict:
+def decode_rates(bench: Bench, system: Entry, opts: Options) -> dict:
     """A scaling point: decode tokens/s at batch 1 (every prompt) and batch 8 (prompts cycled)."""
     steps, p = opts.bench_decode_tokens - 1, len(bench.ids)
     bench.decode(system, [0], min(steps, 2))  # warm-up
@@ -387,13 +381,87 @@ def machine_info(lm, memory_dtype=None) -> dict:
             **({"gpu": torch.cuda.get_device_name(lm.device)} if lm.device.type == "cuda" else {})}
 
 
-def _lambdas(run) -> dict:
-    from .generation import chosen_lambdas
+KNN_VARIANTS = ("knn_exact", "knn_ivfpq")  # the kNN-LM system over a Flat / an IVF-PQ index of a datastore prefix
 
-    chosen = chosen_lambdas(run)
+
+def _lambdas(run) -> dict:
+    from .systems import chosen_lambda, tuned
+
     # lambda = 0 would install no hooks and time the base LM; cost does not depend on its value.
-    return {k: (float(chosen[k]), "validation") if chosen.get(k) else (0.25, "default (none chosen)")
-            for k in ("memory", "knn_lm")}
+    out = {}
+    for cls in tuned():
+        lam = chosen_lambda(run, cls.name)
+        out[cls.name] = (float(lam), "validation") if lam else (0.25, "default (none chosen)")
+    return out
+
+
+class _Loader:
+    """Loads one measured system by its bench name (a registry name, or a kNN-LM variant over N keys)."""
+
+    def __init__(self, run, ds, out: Path, opts: Options):
+        self.run, self.ds, self.out, self.opts = run, ds, out, opts
+        self.temperature = float(read_manifest(run.path("targets"), "targets")["temperature"])
+        self.lams = _lambdas(run)
+
+    def prepare(self, names_: list[str], sizes: list[int]) -> None:
+        """Build indexes and retrievers first, so no build is charged to a system's time or RSS."""
+        from .systems import get_system
+
+        ds = self.ds
+        todo = {(ds.n, k) for k in KNN_VARIANTS if k in names_} | {(n, k) for n in sizes for k in KNN_VARIANTS}
+        for n, k in sorted(todo):
+            prefix_index(ds, n, prefix_factories(n, ds.dim)[k], self.out / "indexes", self.opts.bench_nprobe, load=False)
+        for name in names_:
+            if name not in KNN_VARIANTS and get_system(name).transforms_prompt:
+                get_system(name).load(self.run, n_passages=self.opts.bench_rag_n)
+
+    def __call__(self, name: str, n: int | None = None) -> Entry:
+        from .systems import get_system
+
+        if name in KNN_VARIANTS:
+            return self.knn(name, self.ds.n if n is None else n)
+        system = get_system(name).load(self.run, n_passages=self.opts.bench_rag_n)
+        info = {}
+        if system.has_lambda:
+            info["lambda_source"] = self.lams[name][1]
+        if system.transforms_prompt:
+            info.update(passages_per_prompt=self.opts.bench_rag_n, bm25_passages=len(system.retriever))
+        return Entry(name, system, self.lams[name][0] if system.has_lambda else 0.0, info or None)
+
+    def knn(self, name: str, n: int) -> Entry:
+        from .inference import KNNLM
+        from .systems import KNNLMSystem
+
+        ds, opts, (lam, source) = self.ds, self.opts, self.lams[KNNLMSystem.name]
+        factory = prefix_factories(n, ds.dim)[name]
+        index, man = prefix_index(ds, n, factory, self.out / "indexes", opts.bench_nprobe)
+        knn = KNNLM(index, ds.values[:n], k=opts.bench_k, temperature=self.temperature, lam=lam,
+                    fingerprint=sha256_json(man), datastore_manifest=ds.manifest)
+        return Entry(name, KNNLMSystem(knn), lam, info={
+            "lambda_source": source, "k": knn.k, "temperature": self.temperature,
+            "index": {"factory": factory, "n": n, "nprobe": opts.bench_nprobe,
+                      **{f: man.get(f) for f in ("recall", "recall_k", "build_seconds", "file_bytes")}}})
+
+
+def _measure(bench: Bench, load: _Loader, name: str, opts: Options) -> tuple[dict, object]:
+    """Load one system (peak RSS reset first) and measure it: (result, its memory module or None)."""
+    lm = bench.lm
+    reset_ok = reset_peak_rss()
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.device)
+    before, t0 = _proc_status_mb("VmRSS"), time.perf_counter()
+    entry = load(name)
+    load_s = time.perf_counter() - t0
+    print(f"[bench] {LABELS[name]} ...", file=sys.stderr)
+    bench.rag_truncated = 0
+    res = measure_system(bench, entry, opts)
+    res.update(load_seconds=load_s, memory={"rss_before_mb": before, **memory_state(lm.device, reset_ok)})
+    if entry.system.transforms_prompt:
+        res["rag_prompts_truncated_to_model_window"] = bench.rag_truncated
+    memory = getattr(entry.system, "memory", None)
+    if memory is not None:
+        res["memory_flops_per_token"] = memory_flops_per_token(memory)
+    return res, memory
 
 
 def main(run, opts: Options) -> None:
@@ -412,63 +480,20 @@ def main(run, opts: Options) -> None:
     out.mkdir(parents=True, exist_ok=True)
     systems = opts.systems()
     ds = open_datastore(run.path("datastore"))
-    temperature = float(read_manifest(run.path("targets"), "targets")["temperature"])
-    lams = _lambdas(run)
     bench = Bench(lm, load_prompts(run, opts.bench_prompts, opts.bench_prompt_tokens), opts.bench_rag_n)
     print(f"[bench] {len(bench.ids)} prompts x {bench.ids.shape[1]} tokens, systems {', '.join(systems)}, "
           f"{opts.bench_repeats} repeats, output {out}", file=sys.stderr)
-
     sizes = sorted({min(n, ds.n) for n in opts.sizes()})
-    knn = ("knn_exact", "knn_ivfpq")
-    todo = {(ds.n, k) for k in knn if k in systems} | {(n, k) for n in sizes for k in knn}
-    for n, k in sorted(todo):  # built first, so no build is charged to a system's time or RSS
-        prefix_index(ds, n, prefix_factories(n, ds.dim)[k], out / "indexes", opts.bench_nprobe, load=False)
-    if "rag" in systems:
-        from .rag import BM25Retriever
-
-        BM25Retriever.build_or_load(run)
-
-    def load(name, n=ds.n):
-        if name == "memory":
-            from .generation import load_memory
-
-            return System(name, memory=load_memory(run), lam=lams["memory"][0], info={"lambda_source": lams["memory"][1]})
-        if name == "rag":
-            r = BM25Retriever.build_or_load(run)
-            return System(name, retriever=r, info={"passages_per_prompt": opts.bench_rag_n, "bm25_passages": len(r)})
-        if name == "base":
-            return System(name)
-        from .inference import KNNLM
-
-        factory = prefix_factories(n, ds.dim)[name]
-        index, man = prefix_index(ds, n, factory, out / "indexes", opts.bench_nprobe)
-        knn = KNNLM(index, ds.values[:n], k=opts.bench_k, temperature=temperature, lam=lams["knn_lm"][0],
-                    fingerprint=sha256_json(man), datastore_manifest=ds.manifest)
-        return System(name, knn=knn, lam=lams["knn_lm"][0], info={
-            "lambda_source": lams["knn_lm"][1], "k": knn.k, "temperature": temperature,
-            "index": {"factory": factory, "n": n, "nprobe": opts.bench_nprobe,
-                      **{f: man.get(f) for f in ("recall", "recall_k", "build_seconds", "file_bytes")}}})
+    load = _Loader(run, ds, out, opts)
+    load.prepare(systems, sizes)
 
     results, memory_dtype = {}, None
     with torch.inference_mode():
         for name in systems:
-            reset_ok = reset_peak_rss()
-            if lm.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(lm.device)
-            before, t0 = _proc_status_mb("VmRSS"), time.perf_counter()
-            system = load(name)
-            load_s = time.perf_counter() - t0
-            print(f"[bench] {LABELS[name]} ...", file=sys.stderr)
-            bench.rag_truncated = 0
-            res = measure_system(bench, system, opts)
-            res.update(load_seconds=load_s, memory={"rss_before_mb": before, **memory_state(lm.device, reset_ok)})
-            if name == "rag":
-                res["rag_prompts_truncated_to_model_window"] = bench.rag_truncated
-            if system.memory is not None:
-                memory_dtype = next(system.memory.parameters()).dtype
-                res["memory_flops_per_token"] = memory_flops_per_token(system.memory)
-            results[name] = res
-            del system
+            results[name], memory = _measure(bench, load, name, opts)
+            if memory is not None:
+                memory_dtype = next(memory.parameters()).dtype
+            del memory
         scaling = run_scaling(bench, opts, sizes, load) if sizes else None
     report = {"settings": asdict(opts), "order": systems, "machine": machine_info(lm, memory_dtype),
               "prompts": {"n": len(bench.ids), "tokens": bench.ids.shape[1], "source": "held-out test half"},

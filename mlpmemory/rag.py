@@ -205,6 +205,67 @@ def _chunks(n_tokens: int, block: int, stride: int, every: int) -> list[tuple[in
             for c0 in range(w.first_target, w.end, every)]
 
 
+def _retrieve_for_chunks(retriever, tok, tokens, chunks, query_tokens: int, n_passages: int, progress: bool,
+                         st: dict) -> list[list[Passage]]:
+    """Passages of every chunk, retrieved in batches for the ``query_tokens`` tokens before it."""
+    from tqdm.auto import tqdm
+
+    passages: list[list[Passage]] = [[] for _ in chunks]
+    if n_passages > 0 and chunks:
+        queries = tok.batch_decode([tokens[max(wb, c0 - query_tokens):c0].tolist() for wb, c0, _ in chunks],
+                                   skip_special_tokens=True)
+        t0 = time.perf_counter()
+        for s in tqdm(range(0, len(queries), 256), desc="RAG retrieval", unit="batch", disable=not progress):
+            passages[s:s + 256] = retriever.retrieve(queries[s:s + 256], n_passages)
+        st["retrieval_seconds"] = time.perf_counter() - t0
+        st["retrievals"] = len(queries)
+    return passages
+
+
+def _chunk_inputs(tok, tokens, chunks, passages, sep: list[int], block: int, query_tokens: int, st: dict) -> list:
+    """One input per chunk: [passages + separators] + context, the chunk's targets at its tail;
+    items ``(input ids, out offset, n targets)``."""
+    ids_of: dict[str, list[int]] = {}
+    items = []
+    for (wb, c0, c1), found in zip(chunks, passages):
+        prefix: list[int] = []
+        for p in found:
+            if p.text not in ids_of:
+                ids_of[p.text] = tok(p.text, add_special_tokens=False)["input_ids"]
+            prefix += ids_of[p.text] + sep
+        room = block - (c1 - 1 - max(wb, c0 - query_tokens))  # the query and the chunk always stay
+        if len(prefix) > room:
+            prefix = prefix[:room - len(sep)] + sep if room > len(sep) else []
+        st["chunks_with_passage"] += bool(prefix)
+        b = max(wb, c1 - 1 - (block - len(prefix)))
+        items.append((prefix + tokens[b:c1 - 1].tolist(), c0 - 1, c1 - c0))
+    return items
+
+
+def _score_chunk_batch(lm, items: list, batch: list[int], tokens, pad: int, keep: bool, out: np.ndarray) -> int:
+    """One forward of a batch of chunk inputs, left-padded so every chunk is its row's tail (only the
+    chunks' logits are materialised); writes their log-probs into ``out``, returns the tokens scored."""
+    import torch
+
+    width = max(items[i][2] for i in batch)
+    length = max(len(items[i][0]) for i in batch)
+    ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for r, i in enumerate(batch):
+        ids[r, length - len(items[i][0]):] = torch.tensor(items[i][0])
+        mask[r, length - len(items[i][0]):] = 1
+    kw = {"logits_to_keep": width} if keep else {}
+    if not bool(mask.all()):  # padded rows: mask the pads and start positions at each row's first token
+        kw.update(attention_mask=mask.to(lm.device), position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device))
+    logits = lm.model(input_ids=ids.to(lm.device), use_cache=False, **kw).logits[:, -width:].float()
+    for r, i in enumerate(batch):
+        _, off, m = items[i]
+        tgt = torch.from_numpy(tokens[off + 1:off + 1 + m]).to(logits.device)
+        lp = torch.log_softmax(logits[r, width - m:], -1).gather(-1, tgt[:, None])[:, 0]
+        out[off:off + m] = lp.cpu().numpy()
+    return sum(items[i][2] for i in batch)
+
+
 def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block: int, stride: int,
                   retrieve_every: int = 32, query_tokens: int = 32, n_passages: int = 1, batch_size: int = 8,
                   progress: bool = True, stats: dict | None = None) -> np.ndarray:
@@ -227,38 +288,10 @@ def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block
     tok = lm.tokenizer
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else tok("\n\n", add_special_tokens=False)["input_ids"]
     st = {"retrieval_seconds": 0.0, "forward_seconds": 0.0, "retrievals": 0, "chunks_with_passage": 0, "forwards": 0}
-
-    # 1. Retrieval, batched over every chunk's query.
-    passages: list[list[Passage]] = [[] for _ in chunks]
-    if n_passages > 0 and chunks:
-        queries = tok.batch_decode([tokens[max(wb, c0 - query_tokens):c0].tolist() for wb, c0, _ in chunks],
-                                   skip_special_tokens=True)
-        t0 = time.perf_counter()
-        for s in tqdm(range(0, len(queries), 256), desc="RAG retrieval", unit="batch", disable=not progress):
-            passages[s:s + 256] = retriever.retrieve(queries[s:s + 256], n_passages)
-        st["retrieval_seconds"] = time.perf_counter() - t0
-        st["retrievals"] = len(queries)
-
-    # 2. One input per chunk: [passages + separators] + context, the chunk's targets at its tail.
-    ids_of: dict[str, list[int]] = {}
-    items = []  # (input ids, out offset, n targets)
-    for (wb, c0, c1), found in zip(chunks, passages):
-        prefix: list[int] = []
-        for p in found:
-            if p.text not in ids_of:
-                ids_of[p.text] = tok(p.text, add_special_tokens=False)["input_ids"]
-            prefix += ids_of[p.text] + sep
-        room = block - (c1 - 1 - max(wb, c0 - query_tokens))  # the query and the chunk always stay
-        if len(prefix) > room:
-            prefix = prefix[:room - len(sep)] + sep if room > len(sep) else []
-        st["chunks_with_passage"] += bool(prefix)
-        b = max(wb, c1 - 1 - (block - len(prefix)))
-        items.append((prefix + tokens[b:c1 - 1].tolist(), c0 - 1, c1 - c0))
-
-    # 3. Forwards in batches of similar length, left-padded so every chunk is its row's tail; only
-    #    the chunks' logits are materialised.
-    model = lm.model
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    passages = _retrieve_for_chunks(retriever, tok, tokens, chunks, query_tokens, n_passages, progress, st)
+    items = _chunk_inputs(tok, tokens, chunks, passages, sep, block, query_tokens, st)
+    # Forwards in batches of similar length.
+    keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
     pad = tok.pad_token_id if tok.pad_token_id is not None else sep[0]
     out = np.empty(max(0, n_tokens - 1), np.float32)
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
@@ -266,23 +299,7 @@ def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block
     t0 = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(out), desc="RAG log-probs", unit="tok", disable=not progress) as bar:
         for batch in batches:
-            width = max(items[i][2] for i in batch)
-            length = max(len(items[i][0]) for i in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), length), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, length - len(items[i][0]):] = torch.tensor(items[i][0])
-                mask[r, length - len(items[i][0]):] = 1
-            kw = {"logits_to_keep": width} if keep else {}
-            if not bool(mask.all()):  # padded rows: mask the pads and start positions at each row's first token
-                kw.update(attention_mask=mask.to(lm.device), position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device))
-            logits = model(input_ids=ids.to(lm.device), use_cache=False, **kw).logits[:, -width:].float()
-            for r, i in enumerate(batch):
-                _, off, m = items[i]
-                tgt = torch.from_numpy(tokens[off + 1:off + 1 + m]).to(logits.device)
-                lp = torch.log_softmax(logits[r, width - m:], -1).gather(-1, tgt[:, None])[:, 0]
-                out[off:off + m] = lp.cpu().numpy()
-                bar.update(m)
+            bar.update(_score_chunk_batch(lm, items, batch, tokens, pad, keep, out))
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     st["forward_seconds"] = time.perf_counter() - t0

@@ -218,3 +218,35 @@ def test_rag_system_is_reported_on_the_same_tokens(setup, tmp_path, tiny_tokeniz
     with pytest.raises(MLPMemError, match="130"):
         evaluate_ppl(setup.root / "valid", setup.root / "test", tmp_path / "out2", lambdas=[0.0], progress=False,
                      rag={"logprob": lp[:-1]})
+
+
+def test_registry_systems_give_the_direct_per_token_logprobs(setup, tmp_path):
+    """Golden: through the systems registry, every system's per-token log-probs of an eval dir are the
+    direct computation's, bit for bit; lambda 0 is the base LM itself."""
+    import shutil
+
+    from mlpmemory.inference import memory_logprobs, mix_logprobs
+    from mlpmemory.systems import REGISTRY, systems_for
+
+    shutil.copytree(setup.root / "valid", tmp_path / "valid")  # no caches of other tests
+    mem, knn = make_memory(setup.vocab, seed=0), knn_of(setup)
+    ds = open_datastore(tmp_path / "valid")
+    rag = {"logprob": np.asarray(ds.lm_logprob, dtype=np.float32) - 0.5, "settings": {"n_passages": 1}}
+    systems = systems_for(memory=mem, knn=knn, rag=rag)
+    assert [s.name for s in systems] == list(REGISTRY) == ["base", "memory", "knn_lm", "rag"]
+    comps = score_components(tmp_path / "valid", systems=systems, progress=False)
+    with torch.inference_mode():
+        q = memory_logprobs(mem, torch.from_numpy(np.asarray(ds.mem_inputs, dtype=np.float32)))
+        want_mem = q.gather(-1, torch.from_numpy(np.asarray(ds.values, dtype=np.int64))[:, None])[:, 0].numpy()
+    np.testing.assert_array_equal(comps["memory"], want_mem.astype(np.float64))
+    want_knn = knn.knn_logprob_of(np.asarray(ds.keys, dtype=np.float32), ds.values).astype(np.float32)
+    np.testing.assert_array_equal(comps["knn"][knn.temperature], want_knn.astype(np.float64))
+    lm = np.asarray(ds.lm_logprob, dtype=np.float64)
+    np.testing.assert_array_equal(comps["lm"], lm)
+    by = {s.name: s for s in systems}
+    assert by["base"].mixed(comps) is comps["lm"]
+    assert by["memory"].mixed(comps, 0.0) is comps["lm"] and by["knn_lm"].mixed(comps, 0.0, knn.temperature) is comps["lm"]
+    np.testing.assert_array_equal(by["memory"].mixed(comps, 0.3), mix_logprobs(lm, want_mem.astype(np.float64), 0.3))
+    np.testing.assert_array_equal(by["knn_lm"].mixed(comps, 0.3, knn.temperature),
+                                  mix_logprobs(lm, want_knn.astype(np.float64), 0.3))
+    np.testing.assert_array_equal(by["rag"].mixed(comps), rag["logprob"].astype(np.float64))
