@@ -40,8 +40,8 @@ from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
 from .errors import MLPMemError
 from .inference import KNNLM, _check_lambda, memory_token_logprobs, mix_logprobs
 from .io import atomic_path, write_raw_array
-from .systems import names
 from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
+from .systems import names
 
 BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"  # the registry's names (mlpmemory.systems)
 SYSTEMS = tuple(names())
@@ -417,7 +417,7 @@ def _plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
     for t in temps:
         kr = [r for r in rows if r["system"] == KNN_LM and r["T"] == t]
         ax.plot([r["lambda"] for r in kr], [r["ppl"] for r in kr], marker=".", linewidth=1, label=f"+ kNN-LM, T={t:.3g}")
-    for system, c in chosen.items():
+    for c in chosen.values():
         if c is not None and math.isfinite(c["ppl"]):
             ax.plot([c["lambda"]], [c["ppl"]], marker="*", markersize=14, color="red", linestyle="none")
     finite = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]

@@ -45,9 +45,9 @@ import numpy as np
 from .config import opt
 from .errors import MLPMemError
 from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
-from .systems import names, tuned
 from .qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_data, load_qa_file, make_splits,
                       max_over_ground_truths, normalize_answer)
+from .systems import names, tuned
 
 __all__ = [
     "SYSTEMS", "COVERAGE", "DEFAULT_TEMPLATE", "COMPONENT_KEY", "Options", "passages_prompt", "make_prompt",

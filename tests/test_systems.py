@@ -37,7 +37,8 @@ def test_token_and_dense_logprobs_equal_the_direct_computation(tiny_llama):
     assert mem.site() == kn.site() == site.module_path
     with torch.inference_mode():
         q = memory_logprobs(memory, h)
-        np.testing.assert_array_equal(mem.token_logprobs(h, targets), q.gather(-1, targets[:, None])[:, 0].double().numpy())
+        want = q.gather(-1, targets[:, None])[:, 0].double().numpy()
+        np.testing.assert_array_equal(mem.token_logprobs(h, targets), want)
         assert torch.equal(mem.dense_logprobs(h, vocab), q)
     np.testing.assert_array_equal(kn.token_logprobs(h, targets), knn.knn_logprob_of(h, targets.numpy()))
     np.testing.assert_allclose(kn.dense_logprobs(h, vocab).exp().numpy(), np.exp(knn.knn_logprobs_full(h)), atol=1e-7)
