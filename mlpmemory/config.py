@@ -51,6 +51,9 @@ def check_fields(obj, flag_prefix: str = "--") -> None:
             raise MLPMemError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
 
 
+DEFAULT_K = 1024  # neighbours per kNN distribution when --k is not given (capped at the datastore's N-1)
+
+
 @dataclass
 class RunSettings:
     """Where the run lives and which model it uses."""
@@ -120,7 +123,7 @@ class IndexSettings:
 class TargetsSettings:
     """The sparse kNN target distribution of every datastore row."""
 
-    k: int | None = opt(None, "neighbours per target (default 1024, capped at N-1)", minimum=1)
+    k: int | None = opt(None, f"neighbours per target (default {DEFAULT_K}, capped at N-1)", minimum=1)
     temperature: str = opt("auto", "softmax temperature over -distance, or 'auto' (grid search by kNN-LM "
                                    "perplexity on the validation slice)")
     min_prob: float = opt(1e-6, "drop target probabilities below this, then re-normalise", minimum=0.0)
@@ -137,7 +140,7 @@ class TargetsSettings:
                 raise MLPMemError(f"--temperature must be 'auto' or a positive number, got {self.temperature!r}")
 
     def k_value(self) -> int:
-        return self.k if self.k is not None else 1024
+        return self.k if self.k is not None else DEFAULT_K
 
 
 @dataclass

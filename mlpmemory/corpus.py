@@ -48,6 +48,7 @@ import numpy as np
 
 from .config import CorpusSettings
 from .errors import MLPMemError
+from .log import log, logger
 from .io import atomic_path, check_file_size, file_lock, lock_path, read_manifest, remove_path
 from .stage import Stage, run_stage
 
@@ -172,8 +173,7 @@ def _extract_members(final: Path, members: set[str], cache_dir) -> None:
         if found != members:
             missing = ", ".join(sorted(members - found))
             raise MLPMemError(f"{archive} lacks {missing}; delete it so that it is downloaded again")
-    print(f"[mlpmemory] extracted the default corpus (Wikipedia passages of {name}=={version}) into {final}",
-          file=sys.stderr)
+    log(f"extracted the default corpus (Wikipedia passages of {name}=={version}) into {final}")
 
 
 def _load_json(path: Path):
@@ -591,7 +591,7 @@ def _existing_is_valid(out: Path, found: dict, skip_bad_utf8: bool) -> bool:
         if not (out / DOCUMENTS).is_file():
             raise MLPMemError(f"{out / DOCUMENTS} is missing")
     except (MLPMemError, KeyError, TypeError, ValueError) as e:
-        print(f"[mlpmemory] {out}: {e}; tokenizing the corpus again", file=sys.stderr)
+        logger.warning(f"{out}: {e}; tokenizing the corpus again")
         return False
     return True
 
@@ -704,9 +704,9 @@ def _build_streams(spec, tokenizer, out: Path, identity: dict, skip_bad_utf8: bo
         if n_read == 0:
             raise MLPMemError(f"corpus {corpus} is empty: no document has any text; check the path and text_field")
     w = writer
-    print(f"[mlpmemory] tokenized {w.n_docs['train'] + w.n_docs['heldout']} documents of {corpus} into {out}: "
+    log(f"tokenized {w.n_docs['train'] + w.n_docs['heldout']} documents of {corpus} into {out}: "
           f"train {w.n_tok['train']:,} tokens ({w.n_docs['train']} docs), heldout {w.n_tok['heldout']:,} tokens "
-          f"({w.n_docs['heldout']} docs)", file=sys.stderr)
+          f"({w.n_docs['heldout']} docs)")
     return dict(identity, corpus_fingerprint=w.hash.hexdigest()[:16], eos_token_id=w.eos, dtype="int32",
                 byte_order="little", n_tokens=dict(w.n_tok), n_docs=dict(w.n_docs),
                 n_truncated_docs=dict(w.n_truncated), n_docs_read=n_read, n_skipped_bad_utf8=bad.skipped,

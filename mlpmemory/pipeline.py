@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import Config
 from .errors import MLPMemError
 from .log import log
-from .manifest import (atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json,
+from .io import (atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json,
                        write_manifest)
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"

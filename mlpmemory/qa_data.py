@@ -1,6 +1,6 @@
 """eval-qa's data side: SQuAD v1.1 answer metrics, QA file loading, coverage groups and splits.
 
-Why these live apart from :mod:`mlpmemory.qa`: they are pure functions of the questions (and, for
+Why these live apart from :mod:`mlpmemory.commands.eval_qa`: they are pure functions of the questions (and, for
 coverage groups, of the run's corpus index) with no model, tokenizer or GPU. They fix what is
 scored and how, so they are checked on hand-worked values without loading an LM, while ``qa.py``
 keeps the options, lambda choice, prompting, the systems, latency and the command. Its docstring
@@ -13,12 +13,12 @@ import hashlib
 import json
 import re
 import string
-import sys
 from collections import Counter
 from pathlib import Path
 
 from .errors import MLPMemError
-from .manifest import read_manifest, sha256_file, sha256_json
+from .log import logger
+from .io import read_manifest, sha256_file, sha256_json
 
 _PUNCT = set(string.punctuation)
 _SHOT_MAX_WORDS = 5  # few-shot examples show the short-answer format, so prefer short answers
@@ -179,8 +179,8 @@ def coverage_groups(items: list[dict], corpus_dir, heldout_fraction: float) -> l
     wanted = {it.get("doc_id") for it in items}
     docs = {r["doc_id"]: r for r in read_document_index(corpus_dir) if r["doc_id"] in wanted}
     if not docs:
-        print(f"[mlpmemory] warning: no passage of this QA data is in the run's corpus ({corpus_dir}); "
-              "its questions count as heldout / not_in_memory", file=sys.stderr)
+        logger.warning(f"no passage of this QA data is in the run's corpus ({corpus_dir}); "
+              "its questions count as heldout / not_in_memory")
     out = []
     for it in items:
         rec = docs.get(it.get("doc_id"))

@@ -53,7 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MLPMemError
-from .manifest import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
+from .config import EvalSettings
+from .io import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
 
 RAG_DIR = "rag_bm25"
 BM25_SUBDIR = "bm25"
@@ -69,7 +70,7 @@ class Passage:
     score: float
 
 
-def corpus_passages(corpus_dir, tokenizer, passage_tokens: int = 256) -> list[dict]:
+def corpus_passages(corpus_dir, tokenizer, passage_tokens: int = EvalSettings.rag_passage_tokens) -> list[dict]:
     """The datastore's documents as passages: ``{doc_id, start, n_tokens, text}`` in stream order."""
     from .corpus import open_token_stream, read_document_index
 
@@ -114,7 +115,7 @@ class BM25Retriever:
         return sha256_json({k: v for k, v in self.manifest.items() if k != "seconds"})
 
     @classmethod
-    def build(cls, corpus_dir, out_dir, tokenizer, *, passage_tokens: int = 256) -> "BM25Retriever":
+    def build(cls, corpus_dir, out_dir, tokenizer, *, passage_tokens: int = EvalSettings.rag_passage_tokens) -> "BM25Retriever":
         """Index the corpus's train passages into ``out_dir`` (replacing what is there)."""
         import bm25s
 
@@ -267,7 +268,8 @@ def _score_chunk_batch(lm, items: list, batch: list[int], tokens, pad: int, keep
 
 
 def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block: int, stride: int,
-                  retrieve_every: int = 32, query_tokens: int = 32, n_passages: int = 1, batch_size: int = 8,
+                  retrieve_every: int = EvalSettings.rag_retrieve_every,
+                  query_tokens: int = EvalSettings.rag_query_tokens, n_passages: int = 1, batch_size: int = 8,
                   progress: bool = True, stats: dict | None = None) -> np.ndarray:
     """Per-token ``log p(w_t)`` (float32) with retrieved passages in context, for exactly the
     tokens and order of eval-ppl's windows over ``tokens[start : start + n_tokens]``.
@@ -309,7 +311,8 @@ def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block
     return out
 
 
-def cached_ralm_logprobs(eval_dir, lm, retriever, token_path, *, retrieve_every: int = 32, query_tokens: int = 32,
+def cached_ralm_logprobs(eval_dir, lm, retriever, token_path, *, retrieve_every: int = EvalSettings.rag_retrieve_every,
+                         query_tokens: int = EvalSettings.rag_query_tokens,
                          n_passages: int = 1, batch_size: int = 8, progress: bool = True) -> tuple[np.ndarray, dict]:
     """:func:`ralm_logprobs` over an eval dir's text and windows, cached in it as ``rag_logprob.f32``.
 

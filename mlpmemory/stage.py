@@ -18,11 +18,11 @@ reused. :func:`run_stage` is the whole protocol:
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
 from .errors import MLPMemError
+from .log import logger
 from .io import MANIFEST, atomic_write_json, is_complete, read_json, remove_path, stage_lock, write_manifest
 
 
@@ -64,7 +64,7 @@ class Stage:
             return manifest
         if self.on_mismatch == "error":
             raise self.mismatch_error(diff)
-        print(f"[mlpmemory] {self.what} at {self.dir} was built with {diff}; rebuilding it", file=sys.stderr)
+        logger.warning(f"{self.what} at {self.dir} was built with {diff}; rebuilding it")
         return None
 
     def resume(self, name: str, key: str = "settings", compare: dict | None = None,
@@ -82,7 +82,7 @@ class Stage:
             return record
         if not restart:
             raise self.mismatch_error(diff, f" (unfinished: {name})")
-        print(f"[mlpmemory] {self.dir}: settings changed since the interrupted build; starting over", file=sys.stderr)
+        logger.warning(f"{self.dir}: settings changed since the interrupted build; starting over")
         return None
 
     def save_progress(self, name: str, state: dict, key: str = "settings", compare: dict | None = None) -> None:

@@ -26,7 +26,6 @@ Why it is written this way:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from .config import TargetsSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
+from .log import log
 from .index import index_fingerprint, load_index
 from .io import atomic_path, read_json, read_manifest, sha256_json
 from .stage import Stage, run_stage
@@ -197,7 +197,7 @@ def _checked_k_and_temperature(n: int, k: int | None, k_explicit: bool, temperat
         if k_explicit:
             raise MLPMemError(f"k={k} is larger than the datastore ({n} rows, so at most {n - 1} neighbours "
                               "besides a row itself); choose a smaller k")
-        print(f"[targets] k={k} capped at {n - 1} (the datastore has {n} rows)", file=sys.stderr)
+        log(f"targets: k={k} capped at {n - 1} (the datastore has {n} rows)")
         k = n - 1
     if not (0.0 <= min_prob < 1.0):
         raise MLPMemError(f"min_prob must be in [0, 1), got {min_prob}")
@@ -224,8 +224,8 @@ def _plan(stage: Stage, index, ds, heldout, k: int, temperature, min_prob: float
     selection = None
     if temperature == "auto":
         selection = choose_temperature(index, ds.values, heldout, k=k, min_prob=min_prob)
-        print(f"[targets] auto temperature: T={selection['temperature']:.4g} "
-              f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})", file=sys.stderr)
+        log(f"targets: auto temperature: T={selection['temperature']:.4g} "
+              f"(median d1 {selection['median_d1']:.4g}, base ppl {selection['base_ppl']:.3f})")
     plan = {"temperature": float(selection["temperature"]) if selection else float(temperature),
             "temperature_selection": selection}
     stage.save_progress(PLAN, plan)
@@ -278,8 +278,8 @@ def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_
               "datastore_fingerprint": settings["datastore_fingerprint"],
               "index_fingerprint": settings["index_fingerprint"],
               "search_seconds": search_s, "queries_per_s": n / search_s if search_s > 0 else None}
-    print(f"[targets] {n:,} rows, {nnz / n:.1f} non-zeros per row, T={t_final:.4g}, "
-          f"{fields['queries_per_s'] or 0:.0f} queries/s", file=sys.stderr)
+    log(f"targets: {n:,} rows, {nnz / n:.1f} non-zeros per row, T={t_final:.4g}, "
+          f"{fields['queries_per_s'] or 0:.0f} queries/s")
     return fields
 
 

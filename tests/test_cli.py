@@ -21,7 +21,7 @@ def accepted_flags(command: str) -> set[str]:
     """The ``--flags`` of the settings groups ``command`` reads."""
     from dataclasses import fields
 
-    from mlpmemory.cli import STAGE_READS
+    from mlpmemory.commands.stages import STAGE_READS
     from mlpmemory.config import GROUPS
 
     return {"--" + f.name.replace("_", "-") for g in STAGE_READS[command] for f in fields(GROUPS[g])}
@@ -91,7 +91,7 @@ def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
 def test_help_shows_exactly_the_groups_each_command_reads(capsys):
     from dataclasses import fields
 
-    from mlpmemory.cli import STAGE_READS
+    from mlpmemory.commands.stages import STAGE_READS
     from mlpmemory.config import GROUPS
 
     every = {"--" + f.name.replace("_", "-"): f for cls in GROUPS.values() for f in fields(cls)}

@@ -10,9 +10,9 @@ import pytest
 from helpers import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.errors import MLPMemError
-from mlpmemory.qa import (SYSTEMS, Options, continuation, coverage_groups, dedupe, exact_match_score, f1_score,
-                          load_qa_file, loglik_curve, make_prompt, make_splits, max_over_ground_truths,
-                          normalize_answer, pick_lambda)
+from mlpmemory.commands.eval_qa import SYSTEMS, Options, continuation, loglik_curve, make_prompt, pick_lambda
+from mlpmemory.qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_qa_file, make_splits,
+                               max_over_ground_truths, normalize_answer)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ from helpers import tiny_run_args, write_docs
 from mlpmemory.cli import main
 from mlpmemory.datastore import open_datastore
 from mlpmemory.memory import MLPMemory, MLPMemoryConfig, count_parameters
-from mlpmemory.scaling import fit_power_law, power_law
+from mlpmemory.commands.scaling import fit_power_law, power_law
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,30 @@ def test_power_law_fit_recovers_known_parameters():
     assert fit["b"] == pytest.approx(0.3, rel=0.1) and 0 <= fit["c"] < y.min()
     two = fit_power_law([1e6, 1e7], [40.0, 20.0])  # two points: c fixed at 0, exact line in log-log
     assert two["c"] == 0.0 and two["b"] == pytest.approx(math.log10(2)) and two["points"] == 2
+
+
+def test_ablations_script_on_the_study_engine(tiny_run, capsys):
+    """benchmarks/ablations.py trains and scores through mlpmemory.study: the memory at the run's own site
+    and alpha reproduces the run's memory exactly, a site the run did not store gets its own pass."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablations.py"
+    spec = importlib.util.spec_from_file_location("ablations", path)
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    run_dir, _ = tiny_run
+    argv = ["--run-dir", str(run_dir), "--sites", "1,last", "--alphas", "0,0.4"]
+    assert ablations.main(argv) == 0
+    report = json.loads((run_dir / "ablations" / "ablations.json").read_text())
+    assert report["complete"] and len(report["rows"]) == 4
+    assert report["reproduces_run_memory"]["relative_diff"] == 0.0
+    assert set(report["extra_datastores"]) == {"ds_L1"}
+    by_setting = {(r["ablation"], r["alpha"], r["input_site"]["layer"]): r for r in report["rows"]}
+    last = max(r["input_site"]["layer"] for r in report["rows"])
+    assert by_setting[("input layer", 0.4, last)]["name"] == by_setting[("alpha", 0.4, last)]["name"]  # trained once
+    assert all(1.0 < r["test_ppl"] < 1000 for r in report["rows"])
+    assert "| alpha | alpha=0 |" in capsys.readouterr().out
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "ablations").rglob("*") if p.is_file() and "json" not in p.name}
+    assert ablations.main(argv) == 0  # resumable: nothing trained or scored again
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())

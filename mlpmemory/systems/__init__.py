@@ -34,7 +34,7 @@ from ..errors import MLPMemError
 
 def chosen_lambda(run, name: str) -> float | None:
     """The lambda of system ``name`` chosen on validation by eval-ppl (``<run>/eval/ppl.json``), or None."""
-    from ..manifest import read_json
+    from ..io import read_json
 
     path = run.path("eval") / "ppl.json"
     if not path.exists():

@@ -36,7 +36,6 @@ import math
 import os
 import platform
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,24 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench_report import (LABELS, STAGE_ORDER, base_flops_per_token, flop_report, format_markdown,
-                           memory_flops_per_token, write_charts, write_outputs)
-from .config import opt
-from .errors import MLPMemError
-from .manifest import atomic_write_json, is_complete, read_manifest, sha256_json, write_manifest
+from ..bench_report import (LABELS, flop_report, memory_flops_per_token, write_outputs)
+from ..config import opt
+from ..errors import MLPMemError
+from ..log import log
+from ..io import atomic_write_json, is_complete, read_manifest, sha256_json, write_manifest
+
 
 SYSTEMS = ("base", "memory", "knn_exact", "knn_ivfpq", "rag")
 TRAIN_SAMPLES = 100_000  # IVF/PQ training sample (deterministic), enough for >= 39 points per list
-
-__all__ = [
-    "SYSTEMS", "TRAIN_SAMPLES", "Options", "percentile", "reset_peak_rss", "memory_state", "prefix_factories",
-    "prefix_index", "Entry", "Bench", "split", "decode_runs", "measure_system", "decode_rates", "load_prompts",
-    "machine_info", "main", "run_scaling",
-    # moved to bench_report, re-exported: tests and scripts use them as mlpmemory.bench.<name>
-    "LABELS", "STAGE_ORDER", "base_flops_per_token", "memory_flops_per_token", "flop_report", "format_markdown",
-    "write_charts", "write_outputs",
-]
-
 
 @dataclass
 class Options:
@@ -106,16 +96,6 @@ class Options:
 
 
 # -------- Statistics, clocks, memory accounting -------------------------------------------------
-
-def percentile(values, q: float) -> float:
-    """The q-th percentile with linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(float(v) for v in values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
 
 def _median_index(totals: list[float]) -> int:
     """Index of the (lower) median repeat, so its stage split sums to a reported total."""
@@ -162,7 +142,7 @@ def prefix_factories(n: int, d: int, train_samples: int = TRAIN_SAMPLES) -> dict
     the largest divisor of d <= 64 with sub-vectors of >= 4 dims (64-byte codes for d = 576); 8-bit
     codes unless the sample is too small for 256 centroids per sub-quantizer (tiny datastores).
     """
-    from .index import MIN_POINTS_PER_LIST, _pow2_nearest
+    from ..index import MIN_POINTS_PER_LIST, _pow2_nearest
 
     n_train = min(n, train_samples)
     nlist = _pow2_nearest(4.0 * math.sqrt(n))
@@ -178,7 +158,7 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
     import faiss
     from tqdm.auto import tqdm
 
-    from .index import INDEX_FILE, _index_params, _sample_rows, load_index, measure_recall, new_index
+    from ..index import INDEX_FILE, _index_params, _sample_rows, load_index, measure_recall, new_index
 
     out = root / f"{n}_{factory.replace(',', '_')}"
     identity = {"datastore_fingerprint": sha256_json(ds.manifest), "n": int(n), "factory": factory, "seed": seed,
@@ -191,7 +171,7 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
     index = new_index(ds.dim, factory)
     if not index.is_trained:
         rows = _sample_rows(n, TRAIN_SAMPLES, seed)
-        print(f"[bench] training {factory} on {len(rows):,} of {n:,} keys", file=sys.stderr)
+        log(f"bench: training {factory} on {len(rows):,} of {n:,} keys")
         index.train(np.asarray(ds.keys[rows], dtype=np.float32))
     for s in tqdm(range(0, n, 65_536), desc=f"index {n} {factory}", unit="batch"):
         index.add(np.ascontiguousarray(ds.keys[s:min(n, s + 65_536)], dtype=np.float32))
@@ -238,7 +218,7 @@ class Bench:
         self.keep = (lambda n: {"logits_to_keep": n}) if "logits_to_keep" in params else (lambda n: {})
 
     def timer(self):
-        from .generation import StageTimer
+        from ..generation import StageTimer
 
         return StageTimer(self.device)
 
@@ -324,7 +304,7 @@ def decode_runs(bench: Bench, system: Entry, groups: list[list[int]], steps: int
     out = _rate_summary(runs, "tokens")
     for name, key in (("latency", "step_ms"), ("ttft", "ttft_ms")):
         for q in (50, 95):
-            out[f"{name}_ms_p{q}"] = float(np.median([percentile(r[key], q) for r in runs]))
+            out[f"{name}_ms_p{q}"] = float(np.median([np.percentile(r[key], q) for r in runs]))
     return {**out, "batch": len(groups[0]), "new_tokens_per_prompt": steps + 1}
 
 
@@ -353,7 +333,7 @@ def decode_rates(bench: Bench, system: Entry, opts: Options) -> dict:
 
 def load_prompts(run, n: int, length: int) -> torch.Tensor:
     """``n`` consecutive ``length``-token windows of the held-out test half (from the split start if short)."""
-    from .datastore import read_tokens
+    from ..datastore import read_tokens
 
     total, need = int(read_manifest(run.path("corpus"), "corpus")["n_tokens"]["heldout"]), n * length
     if need > total:
@@ -368,7 +348,7 @@ def machine_info(lm, memory_dtype=None) -> dict:
     import faiss
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     cpu = platform.processor()
     with contextlib.suppress(OSError):
@@ -385,7 +365,7 @@ KNN_VARIANTS = ("knn_exact", "knn_ivfpq")  # the kNN-LM system over a Flat / an 
 
 
 def _lambdas(run) -> dict:
-    from .systems import chosen_lambda, tuned
+    from ..systems import chosen_lambda, tuned
 
     # lambda = 0 would install no hooks and time the base LM; cost does not depend on its value.
     out = {}
@@ -405,7 +385,7 @@ class _Loader:
 
     def prepare(self, names_: list[str], sizes: list[int]) -> None:
         """Build indexes and retrievers first, so no build is charged to a system's time or RSS."""
-        from .systems import get_system
+        from ..systems import get_system
 
         ds = self.ds
         todo = {(ds.n, k) for k in KNN_VARIANTS if k in names_} | {(n, k) for n in sizes for k in KNN_VARIANTS}
@@ -416,7 +396,7 @@ class _Loader:
                 get_system(name).load(self.run, n_passages=self.opts.bench_rag_n)
 
     def __call__(self, name: str, n: int | None = None) -> Entry:
-        from .systems import get_system
+        from ..systems import get_system
 
         if name in KNN_VARIANTS:
             return self.knn(name, self.ds.n if n is None else n)
@@ -429,8 +409,8 @@ class _Loader:
         return Entry(name, system, self.lams[name][0] if system.has_lambda else 0.0, info or None)
 
     def knn(self, name: str, n: int) -> Entry:
-        from .inference import KNNLM
-        from .systems import KNNLMSystem
+        from ..inference import KNNLM
+        from ..systems import KNNLMSystem
 
         ds, opts, (lam, source) = self.ds, self.opts, self.lams[KNNLMSystem.name]
         factory = prefix_factories(n, ds.dim)[name]
@@ -452,7 +432,7 @@ def _measure(bench: Bench, load: _Loader, name: str, opts: Options) -> tuple[dic
     before, t0 = _proc_status_mb("VmRSS"), time.perf_counter()
     entry = load(name)
     load_s = time.perf_counter() - t0
-    print(f"[bench] {LABELS[name]} ...", file=sys.stderr)
+    log(f"bench: {LABELS[name]} ...")
     bench.rag_truncated = 0
     res = measure_system(bench, entry, opts)
     res.update(load_seconds=load_s, memory={"rss_before_mb": before, **memory_state(lm.device, reset_ok)})
@@ -467,7 +447,7 @@ def _measure(bench: Bench, load: _Loader, name: str, opts: Options) -> tuple[dic
 def main(run, opts: Options) -> None:
     import faiss
 
-    from .datastore import open_datastore
+    from ..datastore import open_datastore
 
     opts.validate()
     # Loaded before changing the thread count: models.model_fingerprint sums weights in float, and
@@ -481,8 +461,8 @@ def main(run, opts: Options) -> None:
     systems = opts.systems()
     ds = open_datastore(run.path("datastore"))
     bench = Bench(lm, load_prompts(run, opts.bench_prompts, opts.bench_prompt_tokens), opts.bench_rag_n)
-    print(f"[bench] {len(bench.ids)} prompts x {bench.ids.shape[1]} tokens, systems {', '.join(systems)}, "
-          f"{opts.bench_repeats} repeats, output {out}", file=sys.stderr)
+    log(f"bench: {len(bench.ids)} prompts x {bench.ids.shape[1]} tokens, systems {', '.join(systems)}, "
+          f"{opts.bench_repeats} repeats, output {out}")
     sizes = sorted({min(n, ds.n) for n in opts.sizes()})
     load = _Loader(run, ds, out, opts)
     load.prepare(systems, sizes)
@@ -510,7 +490,7 @@ def run_scaling(bench: Bench, opts: Options, sizes: list[int], load) -> dict:
     memory = load("memory")
     points = []
     for n in sizes:
-        print(f"[bench] scaling: N = {n:,}", file=sys.stderr)
+        log(f"bench: scaling: N = {n:,}")
         point = {"n": n, "systems": {}}
         for name in ("base", "memory", "knn_exact", "knn_ivfpq"):
             system = memory if name == "memory" else load(name, n)

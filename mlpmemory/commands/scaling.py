@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import opt
-from .errors import MLPMemError
-from .manifest import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
+from ..config import opt
+from ..errors import MLPMemError
+from ..io import atomic_path, atomic_write_json, is_complete, read_json, sha256_json, write_manifest
+from ..log import log
 
 OUT_NAME = "scaling"
 
@@ -53,7 +54,7 @@ class Options:
     scaling_out: str | None = opt(None, "output directory (default: <run-dir>/scaling)")
 
     def sizes(self) -> list:
-        from .memory import PRESETS
+        from ..memory import PRESETS
 
         out = []
         for tok in (t.strip() for t in str(self.scaling_blocks).split(",")):
@@ -131,180 +132,110 @@ def power_law(n, fit: dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and scoring the memories.
+# The study: one memory per size on the run's targets (mlpmemory.study), then the fits.
 # ---------------------------------------------------------------------------------------------
 
 
-def _train_size(run, ds, targets, mcfg, settings, out: Path, snapshots: list[float]) -> tuple[Path, dict]:
-    """Train one memory (or reuse a finished identical one); its directory and training manifest."""
-    import torch
-
-    from .memory import build_memory
-    from .pipeline import CORPUS, MEMORY, log
-    from .train import OnlineInputs, train_memory, training_fingerprint
-
-    identity = {"datastore_fingerprint": sha256_json(ds.manifest)}
-    fp = training_fingerprint(settings, mcfg, targets, identity)
-    main_dir = run.path(MEMORY)
-    if not snapshots and is_complete(main_dir) and read_json(main_dir / "manifest.json").get("training_fingerprint") == fp:
-        log(f"scaling: {mcfg.n_blocks} blocks = the run's own memory ({main_dir}), reused")
-        return main_dir, read_json(main_dir / "manifest.json")
-    if is_complete(out) and read_json(out / "manifest.json").get("training_fingerprint") == fp:
-        return out, read_json(out / "manifest.json")
-    torch.manual_seed(run.cfg.train.seed)
-    memory = build_memory(run.lm, mcfg)
-    log(f"scaling: training {mcfg.n_blocks} blocks ({memory.num_parameters():,} parameters) into {out}")
-    inputs = OnlineInputs(run.lm, ds, run.path(CORPUS) / "train.i32") if settings.train_mode == "online" else None
-    manifest = train_memory(memory, ds, targets, out, settings, inputs=inputs, device=run.lm.device,
-                            identity=identity, snapshots=snapshots)
-    return out, manifest
-
-
-def _memory_logprobs_cached(cache: Path, name: str, memory_dir: Path, eval_dirs: dict, lm) -> dict:
-    """{split: (N,) float64 log-probs of the true token} of the memory in ``memory_dir`` on each eval dir."""
-    from .evaluate import _check_memory_site, _memory_logprobs, _open_eval_dir, _read_f32, _write_f32, memory_dir_fingerprint
-    from .memory import MLPMemory
-
-    want = {"memory_fingerprint": memory_dir_fingerprint(memory_dir),
-            "eval": {split: sha256_json(read_manifest(d)) for split, d in eval_dirs.items()}}
-    meta_path = cache / f"{name}.json"
-    meta = read_json(meta_path) if meta_path.exists() else {}
-    out, memory = {}, None
-    for split, d in eval_dirs.items():
-        ds = _open_eval_dir(d)
-        arr = None
-        if meta.get("memory_fingerprint") == want["memory_fingerprint"] and meta.get("eval", {}).get(split) == want["eval"][split]:
-            arr = _read_f32(cache / f"{name}.{split}.f32", ds.n)
-        if arr is None:
-            if memory is None:
-                memory = MLPMemory.from_pretrained(memory_dir, base=lm, device=lm.device)
-            _check_memory_site(ds, memory)
-            meta_path.unlink(missing_ok=True)  # the pairing is rewritten after the data
-            cache.mkdir(parents=True, exist_ok=True)
-            arr = _memory_logprobs(ds, memory, 4096, True)
-            _write_f32(cache / f"{name}.{split}.f32", arr)
-        out[split] = arr.astype(np.float64)
-    if not meta_path.exists():
-        atomic_write_json(meta_path, want)
-    return out
-
-
-def _score(mem: dict, lm_lp: dict, lambdas) -> dict:
-    """Lambda chosen on validation, perplexities reported on test (as ``evaluate_ppl`` does)."""
-    from .evaluate import MEMORY, choose, perplexity, sweep
-    from .inference import mix_logprobs
-
-    chosen = choose(sweep({"lm": lm_lp["valid"], "memory": mem["valid"]}, lambdas), MEMORY)
-    return {"lambda": chosen["lambda"], "valid_mixed_ppl": chosen["ppl"],
-            "memory_alone_valid_ppl": perplexity(mem["valid"]), "memory_alone_test_ppl": perplexity(mem["test"]),
-            "mixed_test_ppl": perplexity(mix_logprobs(lm_lp["test"], mem["test"], chosen["lambda"]))}
-
-
-def _test_dir(run) -> Path:
-    from .pipeline import EVAL_TEST
-
-    return run.path(EVAL_TEST)
-
-
-def main(run, opts: Options) -> None:
-    from . import pipeline
-    from .evaluate import check_compatible, json_safe, perplexity, score_components
-    from .memory import memory_config_for
-    from .targets import open_targets
-    from .train import snapshot_dir, snapshot_steps
-
-    opts.validate()
-    cfg = run.cfg
-    # The study needs the targets and both eval dirs, not the run's eval report (whose RAG and
-    # kNN-LM passes may be long): build the pipeline only when one of them is missing.
-    if not all(is_complete(p) for p in (run.path(pipeline.TARGETS), run.path(pipeline.TUNE), _test_dir(run))):
-        pipeline.stage_eval(run)
-    lm = run.lm
-    ds = pipeline.training_datastore(run)
-    targets = open_targets(run.path(pipeline.TARGETS), ds.manifest)
-    epochs = float(opts.scaling_epochs if opts.scaling_epochs is not None else cfg.train.epochs)
-    settings = pipeline.train_settings(cfg, epochs)
-    out = Path(opts.scaling_out) if opts.scaling_out else run.dir / OUT_NAME
-    site = ds.manifest["mem_site"]
+def _size_configs(study, opts: Options) -> dict:
+    """{n_blocks: memory config} of the requested sizes (presets resolved to their block counts)."""
     configs = {}
     for size in opts.sizes():
-        kw = {"preset": size} if isinstance(size, str) else {"n_blocks": size}
-        mcfg = memory_config_for(lm, site, head_init=cfg.train.head_init, **kw)
+        mcfg = study.memory_config(**({"preset": size} if isinstance(size, str) else {"n_blocks": size}))
         configs[mcfg.n_blocks] = mcfg
     if len(configs) < 2:
         raise MLPMemError(f"--scaling-blocks {opts.scaling_blocks!r} names fewer than two distinct sizes")
-    largest = max(configs)
-    fractions = opts.fractions()
+    return configs
 
-    trained = {}
-    for n in sorted(configs):
-        snaps = [f for f in fractions if f < 1.0] if n == largest else []
-        trained[n] = _train_size(run, ds, targets, configs[n], settings, out / f"blocks_{n}", snaps)
 
-    valid_dir, test_dir = run.path(pipeline.TUNE), _test_dir(run)
-    vm, tm = read_manifest(valid_dir, "validation eval dir"), read_manifest(test_dir, "test eval dir")
-    check_compatible(vm, tm, valid_dir, test_dir)
-    eval_dirs = {"valid": valid_dir, "test": test_dir}
-    lambdas = cfg.eval.lambda_list()
-    big_dir, big_manifest = trained[largest]
-    snaps = {s["step"]: s for s in big_manifest.get("snapshots", [])}
-    key = sha256_json({"trained": {n: [str(d), m.get("training_fingerprint")] for n, (d, m) in trained.items()},
-                       "snapshots": sorted(snaps), "fractions": fractions, "lambdas": lambdas,
-                       "valid": vm, "test": tm, "version": 1})
-    if is_complete(out) and (out / "scaling.json").exists() and read_json(out / "manifest.json").get("inputs") == key:
-        pipeline.log(f"scaling: already complete ({out / 'scaling.json'})")
-        print(format_scaling_table(read_json(out / "scaling.json")))
-        return
+def _size_row(n: int, mdir: Path, m: dict, run_dir: Path, scores: dict) -> dict:
+    return {"blocks": n, "params": int(m["memory_params"]), "head_params": int(m["head_params"]),
+            "params_non_head": int(m["memory_params"]) - int(m["head_params"]), "steps": int(m["steps"]),
+            "train_rows_seen": int(m["steps"]) * int(m["batch_rows"]), "validation": m.get("validation"),
+            "train_rows_per_s": m.get("rows_per_s_this_session"),
+            "fraction_of_matmul_peak": m.get("fraction_of_matmul_peak"),
+            "dir": os.path.relpath(mdir, run_dir), **scores}
 
-    lm_lp = {split: score_components(d, progress=False)["lm"] for split, d in eval_dirs.items()}
-    cache = out / "logprobs"
-    sizes = []
-    for n, (mdir, m) in sorted(trained.items()):
-        mem = _memory_logprobs_cached(cache, f"blocks_{n}", mdir, eval_dirs, lm)
-        sizes.append({"blocks": n, "params": int(m["memory_params"]), "head_params": int(m["head_params"]),
-                      "params_non_head": int(m["memory_params"]) - int(m["head_params"]), "steps": int(m["steps"]),
-                      "train_rows_seen": int(m["steps"]) * int(m["batch_rows"]), "validation": m.get("validation"),
-                      "train_rows_per_s": m.get("rows_per_s_this_session"),
-                      "fraction_of_matmul_peak": m.get("fraction_of_matmul_peak"),
-                      "dir": os.path.relpath(mdir, run.dir), **_score(mem, lm_lp, lambdas)})
 
-    # Against training tokens: the largest memory at each requested fraction of its training.
-    tokens, missing = [], []
-    total = int(big_manifest["steps"])
+_SCORE_KEYS = ("lambda", "valid_mixed_ppl", "memory_alone_valid_ppl", "memory_alone_test_ppl", "mixed_test_ppl")
+
+
+def _token_points(study, cache: Path, trained: dict, sizes: list, fractions: list) -> tuple[list, list]:
+    """The largest memory at each requested fraction of its training (its snapshots), and the fractions missing."""
+    from ..train import snapshot_dir, snapshot_steps
+
+    largest = max(trained)
+    big_dir, big = trained[largest]
+    snaps, total = {s["step"]: s for s in big.get("snapshots", [])}, int(big["steps"])
+    final = next(s for s in sizes if s["blocks"] == largest)
+    points, missing = [], []
     for f in fractions:
+        step = total if f >= 1.0 else snapshot_steps([f], total)[0]
         if f >= 1.0:
-            final = next(s for s in sizes if s["blocks"] == largest)
-            tokens.append({"fraction": 1.0, "step": total, "rows_seen": final["train_rows_seen"],
-                           "validation": final["validation"], **{k: final[k] for k in (
-                               "lambda", "valid_mixed_ppl", "memory_alone_valid_ppl", "memory_alone_test_ppl",
-                               "mixed_test_ppl")}})
-            continue
-        step = snapshot_steps([f], total)[0]
-        if step not in snaps:
+            points.append({"fraction": 1.0, "step": total, "rows_seen": final["train_rows_seen"],
+                           "validation": final["validation"], **{k: final[k] for k in _SCORE_KEYS}})
+        elif step not in snaps:
             missing.append(f)
-            continue
-        mem = _memory_logprobs_cached(cache, f"blocks_{largest}_step_{step}", snapshot_dir(big_dir, step), eval_dirs, lm)
-        tokens.append({"fraction": f, "step": step, "rows_seen": int(snaps[step]["rows_seen"]),
-                       "validation": snaps[step]["validation"], **_score(mem, lm_lp, lambdas)})
+        else:
+            mem = study.memory_logprobs(cache, f"blocks_{largest}_step_{step}", snapshot_dir(big_dir, step))
+            points.append({"fraction": f, "step": step, "rows_seen": int(snaps[step]["rows_seen"]),
+                           "validation": snaps[step]["validation"], **_scores(study, mem)})
     if missing:
-        pipeline.log(f"scaling: no snapshots at fractions {missing} in {big_dir} (it was trained without them); "
-                     "delete that directory to retrain it with snapshots")
+        log(f"scaling: no snapshots at fractions {missing} in {big_dir} (it was trained without them); "
+            "delete that directory to retrain it with snapshots")
+    return points, missing
+
+
+def _scores(study, mem: dict) -> dict:
+    return {k: v for k, v in study.score(mem).items() if k in _SCORE_KEYS}
+
+
+def _result(study, settings, sizes: list, points: list, missing: list) -> dict:
+    from ..evaluate import json_safe
 
     params = [s["params"] for s in sizes]
-    result = {
-        "model": cfg.run.model, "run_dir": str(run.dir), "mem_site": site, "settings": {**asdict(settings)},
-        "validation_tokens": int(len(lm_lp["valid"])), "test_tokens": int(len(lm_lp["test"])),
-        "valid_dir": str(valid_dir), "test_dir": str(test_dir), "lambdas": lambdas,
-        "base": {"valid_ppl": perplexity(lm_lp["valid"]), "test_ppl": perplexity(lm_lp["test"])},
-        "sizes": sizes,
+    largest = max(s["blocks"] for s in sizes)
+    return json_safe({
+        "model": study.run.cfg.run.model, "run_dir": str(study.run.dir), "mem_site": study.ds.manifest["mem_site"],
+        "settings": asdict(settings), "validation_tokens": int(len(study.lm_logprobs["valid"])),
+        "test_tokens": int(len(study.lm_logprobs["test"])), "valid_dir": str(study.eval_dirs["valid"]),
+        "test_dir": str(study.eval_dirs["test"]), "lambdas": study.lambdas, "base": study.base(), "sizes": sizes,
         "fit": {"memory_alone": fit_power_law(params, [s["memory_alone_test_ppl"] for s in sizes]),
                 "mixed": fit_power_law(params, [s["mixed_test_ppl"] for s in sizes]),
                 "formula": "PPL(N) = a * N^(-b) + c, N = memory parameters (head included)"},
         "tokens": {"blocks": largest, "params": next(s["params"] for s in sizes if s["blocks"] == largest),
-                   "points": tokens, "missing_fractions": missing},
+                   "points": points, "missing_fractions": missing},
         "plot": "scaling.png",
-    }
-    result = json_safe(result)
+    })
+
+
+def main(run, opts: Options) -> None:
+    from .. import pipeline
+    from ..study import Study
+
+    opts.validate()
+    # The study needs the targets and both eval dirs, not the run's eval report (whose RAG and
+    # kNN-LM passes may be long): build the pipeline only when one of them is missing.
+    if not all(is_complete(run.path(s)) for s in (pipeline.TARGETS, pipeline.TUNE, pipeline.EVAL_TEST)):
+        pipeline.stage_eval(run)
+    study = Study(run)
+    epochs = float(opts.scaling_epochs if opts.scaling_epochs is not None else run.cfg.train.epochs)
+    settings = study.with_settings(epochs=epochs)
+    out = Path(opts.scaling_out) if opts.scaling_out else run.dir / OUT_NAME
+    configs, fractions = _size_configs(study, opts), opts.fractions()
+    trained = {n: study.train(out / f"blocks_{n}", configs[n], settings,
+                              snapshots=[f for f in fractions if f < 1.0] if n == max(configs) else [])
+               for n in sorted(configs)}
+    key = sha256_json({"trained": {n: [str(d), m.get("training_fingerprint")] for n, (d, m) in trained.items()},
+                       "snapshots": sorted(s["step"] for s in trained[max(configs)][1].get("snapshots", [])),
+                       "fractions": fractions, "lambdas": study.lambdas, **study.manifests(), "version": 2})
+    if is_complete(out) and (out / "scaling.json").exists() and read_json(out / "manifest.json").get("inputs") == key:
+        log(f"scaling: already complete ({out / 'scaling.json'})")
+        print(format_scaling_table(read_json(out / "scaling.json")))
+        return
+    cache = out / "logprobs"
+    sizes = [_size_row(n, mdir, m, run.dir, _scores(study, study.memory_logprobs(cache, f"blocks_{n}", mdir)))
+             for n, (mdir, m) in sorted(trained.items())]
+    result = _result(study, settings, sizes, *_token_points(study, cache, trained, sizes, fractions))
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
     _plot(result, out / "scaling.png")
@@ -393,6 +324,5 @@ def _plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -42,21 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import opt
-from .errors import MLPMemError
-from .manifest import atomic_write_json, read_json, read_manifest, sha256_json
-from .qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_data, load_qa_file, make_splits,
-                      max_over_ground_truths, normalize_answer)
-from .systems import names, tuned
+from ..config import opt
+from ..errors import MLPMemError
+from ..log import logger
+from ..io import atomic_write_json, read_json, read_manifest, sha256_json
+from ..qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_data, make_splits,
+                      max_over_ground_truths)
+from ..systems import names, tuned
 
-__all__ = [
-    "SYSTEMS", "COVERAGE", "DEFAULT_TEMPLATE", "COMPONENT_KEY", "Options", "passages_prompt", "make_prompt",
-    "continuation", "loglik_curve", "pick_lambda", "choose_lambdas", "read_predictions", "group_metrics",
-    "format_table", "main",
-    # moved to qa_data, re-exported: tests and scripts import them from mlpmemory.qa
-    "normalize_answer", "exact_match_score", "f1_score", "max_over_ground_truths", "load_qa_file", "load_data",
-    "dedupe", "coverage_groups", "make_splits",
-]
 
 SYSTEMS = tuple(names())
 COVERAGE = ("in_memory", "heldout", "not_in_memory")
@@ -149,7 +142,7 @@ def _check_template(template: str, fields: set[str], flag: str) -> None:
 
 def passages_prompt(passages, prompt: str, rag_template: str | None) -> str:
     """``prompt`` with the RAG system's passages before it (``rag_template``: see ``--rag-template``)."""
-    from .systems import RAGSystem
+    from ..systems import RAGSystem
 
     return RAGSystem(template=rag_template).prompt_with(prompt, passages)
 
@@ -189,7 +182,7 @@ def loglik_curve(scores: list[list[dict]], key: str, lambdas: list[float]) -> li
     ``scores[q]`` holds one :func:`generation.score_continuations` dict per gold answer of dev
     question ``q`` (arrays "lm" and ``key``, one entry per answer token).
     """
-    from .inference import mix_logprobs
+    from ..inference import mix_logprobs
 
     rows = []
     for lam in lambdas:
@@ -218,7 +211,7 @@ def _em_of(preds: list[str], items: list[dict]) -> float:
 def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: Options, chat: bool) -> dict:
     """{system: {"lambda", "curve"}} of the systems with a lambda (``comps``: name -> :mod:`mlpmemory.systems`
     instance), from dev questions only."""
-    from .generation import generate, score_continuations
+    from ..generation import generate, score_continuations
 
     lambdas, out = opts.lambdas(), {}
     if not comps:
@@ -285,8 +278,7 @@ def _start_file(out: Path, system: str, key: str) -> Path:
     """The system's predictions file; restarted when it was written with other settings."""
     path, meta = out / f"predictions.{system}.jsonl", out / f"predictions.{system}.json"
     if path.exists() and (not meta.exists() or read_json(meta).get("key") != key):
-        print(f"[mlpmemory] qa {system}: settings changed since {path.name} was written; starting it again",
-              file=sys.stderr)
+        logger.warning(f"qa {system}: settings changed since {path.name} was written; starting it again")
         path.unlink()
     if not meta.exists() or read_json(meta).get("key") != key:
         atomic_write_json(meta, {"key": key, "system": system})
@@ -336,7 +328,7 @@ def format_table(result: dict) -> str:
 
 
 def _component_fingerprints(run, systems: list[str], nprobe) -> dict:
-    from .evaluate import memory_dir_fingerprint
+    from ..evaluate import memory_dir_fingerprint
 
     ds = read_manifest(run.path("datastore"), "datastore")
     fps = {"model": run.cfg.run.model, "dtype": run.cfg.run.dtype, "model_fingerprint": ds.get("model_fingerprint"),
@@ -366,7 +358,7 @@ def _settings_keys(run, opts: Options, systems: list[str], data_fp, shots, dev, 
 
 def _load_systems(run, names_: list[str], opts: Options) -> dict:
     """The registry's systems named, loaded from the run with this invocation's options."""
-    from .systems import get_system
+    from ..systems import get_system
 
     nprobe = opts.qa_nprobe if opts.qa_nprobe is not None else run.cfg.index.nprobe
     return {name: get_system(name).load(run, nprobe=nprobe, n_passages=opts.rag_n, rag_template=opts.rag_template)
@@ -409,7 +401,7 @@ def _accuracy(lm, out: Path, common: dict, report: list, systems: dict, lam: dic
     """{system: prediction rows of the reported questions}: batched, appended per batch, resumable."""
     from tqdm.auto import tqdm
 
-    from .generation import generate
+    from ..generation import generate
 
     rows_by_system = {}
     for name, system in systems.items():
@@ -436,7 +428,7 @@ def _accuracy(lm, out: Path, common: dict, report: list, systems: dict, lam: dic
 
 def _latency_one(lm, system, lam: float, items: list[dict], prompts_for, opts: Options) -> dict:
     """Batch size 1 on ``items`` after a warm-up: TTFT, tokens/s, retrieval and memory time per question."""
-    from .generation import StageTimer, generate
+    from ..generation import StageTimer, generate
 
     prompts, _, _ = prompts_for(items[:1], system)
     generate(lm, prompts, max_new_tokens=2, batch_size=1, system=system, lam=lam)  # warm-up

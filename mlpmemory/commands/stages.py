@@ -1,0 +1,83 @@
+"""The stage commands (corpus, datastore, index, targets, train, eval-ppl, run): settings in, artifacts out.
+
+A stage command accepts the settings of the groups it reads (:data:`STAGE_READS`: the run group,
+its own stage and every stage before it, which it may have to build), checks the cheap things
+first (:func:`mlpmemory.pipeline.preflight`), saves the effective settings as the run's
+``config.json`` and calls its stage in :mod:`mlpmemory.pipeline`. ``eval-ppl``'s
+:class:`EvalPplOptions` describe one invocation and are never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import GROUPS, load_config_file, make_config, opt
+
+STAGE_ORDER = ["corpus", "datastore", "index", "targets", "train", "eval-ppl"]
+_GROUP_OF_STAGE = {"corpus": "corpus", "datastore": "datastore", "index": "index", "targets": "targets",
+                   "train": "train", "eval-ppl": "eval"}
+# command -> the settings groups it reads: the run group, its own stage and every stage before it.
+STAGE_READS = {stage: ["run"] + [_GROUP_OF_STAGE[s] for s in STAGE_ORDER[:i + 1]]
+               for i, stage in enumerate(STAGE_ORDER)}
+STAGE_READS["run"] = list(GROUPS)
+STAGE_HELP = {
+    "corpus": "tokenise the corpus into train / held-out token streams",
+    "datastore": "build the datastore (hidden-state keys -> next tokens) with the frozen base LM",
+    "index": "build the FAISS index over the datastore keys",
+    "targets": "compute the sparse kNN target distribution of every datastore row",
+    "train": "train the MLP memory on the kNN targets (alpha * KL + (1 - alpha) * CE)",
+    "eval-ppl": "perplexity of base / +kNN-LM / +MLP memory / +RAG on identical windows; lambda and T chosen on "
+                "validation",
+    "run": "the main job: every stage (preset quick for a new run), skipping finished ones, then the results table",
+}
+
+
+@dataclass
+class EvalPplOptions:
+    """Options of one `mlpmem eval-ppl` invocation (never saved as run settings)."""
+
+    eval_text: str | None = opt(None, "score this text file/corpus instead of the held-out test half; lambda and T "
+                                      "are still chosen on the held-out validation slice, and the report goes to "
+                                      "<run>/eval_text/<text fingerprint>/ (results.json is not touched)")
+
+
+def saved_settings(run_dir: str) -> dict:
+    saved = Path(run_dir) / "config.json"
+    return load_config_file(saved) if saved.exists() else {}
+
+
+def main(command: str, args: dict) -> None:
+    """Run stage ``command`` with the parsed flags ``args`` (preset, config file, settings, eval-ppl options)."""
+    from .. import pipeline
+
+    preset, config_file = args.pop("preset", None), args.pop("config", None)
+    eval_text = args.pop("eval_text", None)
+    args.setdefault("run_dir", f"runs/{preset or ('quick' if command == 'run' else 'default')}")
+    base = saved_settings(args["run_dir"])
+    if command == "run" and not base and preset is None:
+        preset = "quick"  # a new run without a preset is the README's main job
+    run = pipeline.Run(make_config(preset, config_file, base=base, **args))
+    pipeline.preflight(run)
+    run.save_config()
+    if command == "run":
+        results = pipeline.run_all(run)
+        print(pipeline.format_table(results))
+        print(f"\nresults: {run.dir / 'results.json'}")
+    elif command == "eval-ppl":
+        from ..evaluate import format_ppl_table
+
+        print(format_ppl_table(pipeline.stage_eval(run, eval_text=eval_text)))
+        where = pipeline.EVAL_TEXT if eval_text else pipeline.EVAL
+        print(f"eval-ppl: complete; report in {run.dir / where}")
+    else:
+        manifest = getattr(pipeline, f"stage_{command}")(run)
+        print(f"{command}: complete in {run.path(command if command != 'train' else 'memory')}")
+        _print_brief(manifest)
+
+
+def _print_brief(manifest: dict) -> None:
+    for key in ("n", "n_tokens", "dim", "factory", "recall", "search_qps", "k", "temperature", "mean_nnz",
+                "memory_params", "validation"):
+        if key in manifest:
+            print(f"  {key}: {manifest[key]}")
