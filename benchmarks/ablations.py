@@ -188,7 +188,8 @@ def _capture_missing(study: Study, abl: Path, specs: list[str], sources: dict) -
         # Same model, same windows: the base LM's log-probs must agree with the run's cached ones.
         checks[name] = {
             "seconds_this_session": round(time.perf_counter() - t0, 2),
-            "max_abs_lm_logprob_diff_validation": float(np.max(np.abs(np.asarray(e_tune.lm_logprob) - tune.lm_logprob))),
+            "max_abs_lm_logprob_diff_validation":
+                float(np.max(np.abs(np.asarray(e_tune.lm_logprob) - tune.lm_logprob))),
             "max_abs_lm_logprob_diff_test": float(np.max(np.abs(np.asarray(e_test.lm_logprob) - test.lm_logprob))),
         }
         for module, src in stored_inputs(e_ds, e_tune, e_test, f"{ABLATIONS}/{name}").items():
@@ -284,7 +285,8 @@ def train_and_score(study: Study, src: Inputs, abl: Path, name: str, alpha: floa
     log(f"{name}: test PPL {scores['mixed_test_ppl']:.3f} at lambda {scores['lambda']:g} "
         f"(memory alone {scores['memory_alone_test_ppl']:.2f})")
     return {"name": name, "dir": str(out), "input_site": src.site, "input_source": src.origin, "alpha": float(alpha),
-            "test_ppl": scores["mixed_test_ppl"], "lambda": scores["lambda"], "validation_ppl": scores["valid_mixed_ppl"],
+            "test_ppl": scores["mixed_test_ppl"], "lambda": scores["lambda"],
+            "validation_ppl": scores["valid_mixed_ppl"],
             "memory_alone_test_ppl": scores["memory_alone_test_ppl"],
             "memory_alone_validation_ppl": scores["memory_alone_valid_ppl"],
             "val_kl": val.get("kl"), "val_ce": val.get("ce"), "val_loss": val.get("loss"),
@@ -300,7 +302,8 @@ def reference_rows(run: Path, ppl_json: dict | None, test, run_mem: dict) -> dic
     if ppl_json is None:
         return ref
     systems = ppl_json["test"]["systems"]
-    if ppl_json["test"].get("tokens_scored") != test.n or not math.isclose(systems["base"]["ppl"], base_here, rel_tol=1e-9):
+    if (ppl_json["test"].get("tokens_scored") != test.n
+            or not math.isclose(systems["base"]["ppl"], base_here, rel_tol=1e-9)):
         ref["warning"] = (f"eval/ppl.json scored {ppl_json['test'].get('tokens_scored')} test tokens at base PPL "
                           f"{systems['base']['ppl']:.4f}, the test eval dir {test.n} at {base_here:.4f}: "
                           "ppl.json is stale; re-run `mlpmem run`")
@@ -312,7 +315,8 @@ def reference_rows(run: Path, ppl_json: dict | None, test, run_mem: dict) -> dic
         m = systems["memory"]
         mcfg = read_json(run / "memory" / "config.json")
         timings = read_json(run / "timings.json") if (run / "timings.json").exists() else {}
-        ref["run_memory"] = {"test_ppl": m["ppl"], "lambda": m["lambda"], "memory_alone_test_ppl": m.get("memory_alone_ppl"),
+        ref["run_memory"] = {"test_ppl": m["ppl"], "lambda": m["lambda"],
+                             "memory_alone_test_ppl": m.get("memory_alone_ppl"),
                              "input_module": (mcfg.get("input_site") or {}).get("module"),
                              "input_layer": (mcfg.get("input_site") or {}).get("layer"),
                              "alpha": (run_mem.get("settings") or {}).get("alpha"),
@@ -341,7 +345,8 @@ def format_table(report: dict) -> str:
              f"memories trained on the run's {report['datastore_rows']:,} kNN targets "
              f"(k={report['targets']['k']}, T={f(report['targets']['temperature'], '.3g')}), "
              f"{t['epochs']:g} epoch(s), lr {t['lr']:g}, batch {t['train_batch']}, seed {t['seed']}.", "",
-             "| ablation | setting | test PPL | vs base % | lambda | memory-alone PPL | val KL | val CE | train seconds |",
+             "| ablation | setting | test PPL | vs base % | lambda | memory-alone PPL | val KL | val CE | "
+             "train seconds |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| reference | base LM | {base:.3f} | | | | | | |"]
     if "knn_lm" in ref:

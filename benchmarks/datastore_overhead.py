@@ -43,8 +43,10 @@ build_datastore(lm, sys.argv[2], int(sys.argv[3]), sys.argv[4], block=int(sys.ar
                 batch_size=8, progress=False, mem_site="0.7")  # as measured: keys and memory inputs at two sites
 done.set()
 t1 = time.perf_counter()
-timeline = {f"{q}%": max([r for ts, r in samples if ts - t <= (t1 - t) * q / 100] or [start_rss]) for q in (10, 25, 50, 75, 100)}
-print(json.dumps({"rss_after_load_mb": before / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+timeline = {f"{q}%": max([r for ts, r in samples if ts - t <= (t1 - t) * q / 100] or [start_rss])
+            for q in (10, 25, 50, 75, 100)}
+print(json.dumps({"rss_after_load_mb": before / 1024,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "vmrss_at_build_start_mb": start_rss, "vmrss_peak_during_build_mb": max(r for _, r in samples),
                   "vmrss_peak_by_fraction_of_build": timeline,
                   "vmrss_at_build_end_mb": vmrss(), "seconds": time.perf_counter() - t}))
@@ -98,7 +100,8 @@ def main():
         t = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
-                fn(input_ids=torch.from_numpy(np.stack([tokens[w.begin:w.end] for w in b]).astype(np.int64)), use_cache=False)
+                fn(input_ids=torch.from_numpy(np.stack([tokens[w.begin:w.end] for w in b]).astype(np.int64)),
+                   use_cache=False)
         return time.perf_counter() - t
 
     sub_path = tmp / "sub.i32"
@@ -137,7 +140,8 @@ def main():
     print(json.dumps(result, indent=2), flush=True)
     for n in args.rss_sizes:
         out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, lm.path or args.model, str(tok_path), str(n),
-                              str(tmp / f"rss{n}"), str(args.block), args.dtype], capture_output=True, text=True, check=True)
+                              str(tmp / f"rss{n}"), str(args.block), args.dtype],
+                             capture_output=True, text=True, check=True)
         rec = json.loads(out.stdout.strip().splitlines()[-1])
         rec["corpus_tokens"] = n
         result["rss"].append(rec)

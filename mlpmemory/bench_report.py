@@ -34,7 +34,8 @@ def base_flops_per_token(model, context: float) -> dict:
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     emb = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     head = model.get_output_embeddings()
-    excluded = emb | {head.weight.data_ptr()} | ({head.bias.data_ptr()} if getattr(head, "bias", None) is not None else set())
+    excluded = emb | {head.weight.data_ptr()} | ({head.bias.data_ptr()} if getattr(head, "bias", None) is not None
+                                                 else set())
     non_emb = sum(n for ptr, n in unique.items() if ptr not in excluded)
     vocab, d = head.weight.shape
     heads = int(cfg.num_attention_heads)
@@ -114,13 +115,15 @@ def format_markdown(report: dict) -> str:
                   "| phase | base GFLOP/token | memory GFLOP/token | predicted overhead | measured overhead | note |",
                   "|---|---|---|---|---|---|"]
         for phase, row in report["overhead_model"].items():
-            lines.append(f"| {phase} | {row['base_flops_per_token'] / 1e9:.4g} | {row['memory_flops_per_token'] / 1e9:.4g}"
+            lines.append(f"| {phase} | {row['base_flops_per_token'] / 1e9:.4g} | "
+                         f"{row['memory_flops_per_token'] / 1e9:.4g}"
                          f" | {100 * row['predicted_overhead']:+.1f}% | {100 * row['measured_overhead']:+.1f}% | "
                          f"{row.get('explanation', 'within 10%')} |")
     sc = report.get("scaling")
     if sc:
         lines += ["", "Datastore-size scaling: decode tokens/s (batch 1 / batch 8)", "",
-                  "| N | base | + MLP memory | + kNN exact | + kNN IVF-PQ | IVF-PQ factory (recall@64) |", "|---|---|---|---|---|---|"]
+                  "| N | base | + MLP memory | + kNN exact | + kNN IVF-PQ | IVF-PQ factory (recall@64) |",
+                  "|---|---|---|---|---|---|"]
         for pt in sc["points"]:
             s = pt["systems"]
             cells = [f"{_f(s[k]['batch_1']['tokens_per_s'])} / {_f(s[k]['batch_8']['tokens_per_s'])}"
@@ -130,7 +133,8 @@ def format_markdown(report: dict) -> str:
         r = sc["ratios_at_largest_n"]
         lines += ["", f"At N = {sc['largest_n']:,} the memory decodes {r['memory_over_knn_exact_batch_1']:.2f}x "
                       f"(batch 1) / {r['memory_over_knn_exact_batch_8']:.2f}x (batch 8) as fast as exact kNN-LM and "
-                      f"{r['memory_over_knn_ivfpq_batch_1']:.2f}x / {r['memory_over_knn_ivfpq_batch_8']:.2f}x as fast as IVF-PQ kNN-LM."]
+                      f"{r['memory_over_knn_ivfpq_batch_1']:.2f}x / {r['memory_over_knn_ivfpq_batch_8']:.2f}x "
+                      "as fast as IVF-PQ kNN-LM."]
     lines += ["", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in m.items()]
     return "\n".join(lines)
 
@@ -144,7 +148,8 @@ def write_charts(out: Path, report: dict) -> None:
 
     res, names = report["systems"], report["order"]
     x, blocks = np.arange(len(names)), {"prefill b1": lambda r: r["prefill"]["batch_1"],
-                                         "prefill b8": lambda r: r["prefill"]["batch_8"], "decode b1": lambda r: r["decode"]}
+                                         "prefill b8": lambda r: r["prefill"]["batch_8"],
+                                         "decode b1": lambda r: r["decode"]}
 
     def finish(fig, axes, name):
         for ax in axes:

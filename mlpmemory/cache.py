@@ -21,8 +21,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import MLPMemError
-from .log import log
 from .io import atomic_path, file_lock
+from .log import log
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

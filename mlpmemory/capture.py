@@ -71,7 +71,8 @@ def resolve_site(model: torch.nn.Module, spec: str | int | float) -> CaptureSite
     """Turn a user's site spec into the module whose input is captured."""
     spec_str = str(spec).strip()
     if not spec_str:
-        raise MLPMemError("empty capture site; give a layer index, a depth fraction such as 0.7, 'last', or a module path")
+        raise MLPMemError("empty capture site; give a layer index, a depth fraction such as 0.7, 'last', "
+                          "or a module path")
     # An explicit module path.
     if not _is_number(spec_str) and spec_str != "last":
         module = _get(model, spec_str)
@@ -130,7 +131,8 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
             if x is None:
-                raise MLPMemError(f"could not read the input of {path}: the module was called without a tensor argument")
+                raise MLPMemError(f"could not read the input of {path}: "
+                                  "the module was called without a tensor argument")
             captured[path] = x.detach()
             if stop_early and remaining.issubset(captured.keys()):
                 raise _StopForward

@@ -234,7 +234,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for name in GROUPS:
             group = getattr(self, name)
             check_fields(group)
@@ -245,7 +245,7 @@ class Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def updated(self, **flat) -> "Config":
+    def updated(self, **flat) -> Config:
         """A copy with settings replaced by field name (``cfg.updated(lr=3e-3)``), validated."""
         by_group = split_by_group(flat)
         return replace(self, **{g: replace(getattr(self, g), **v) for g, v in by_group.items()}).validate()

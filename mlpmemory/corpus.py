@@ -39,17 +39,17 @@ import shutil
 import sys
 import tarfile
 import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .config import CorpusSettings
 from .errors import MLPMemError
-from .log import log, logger
 from .io import atomic_path, check_file_size, file_lock, lock_path, read_manifest, remove_path
+from .log import log, logger
 from .stage import Stage, run_stage
 
 __all__ = [
@@ -210,7 +210,8 @@ def _restore_nq(example: dict, index: int, path: Path) -> tuple[str, str, str]:
     inp, sub, scores = example.get("input"), example.get("target"), example.get("target_scores")
     if not (isinstance(inp, str) and inp.startswith(_NQ_PREFIX) and _NQ_CONTEXT in inp
             and isinstance(sub, str) and isinstance(scores, dict)):
-        raise MLPMemError(f"{path}: example {index} is not in the expected format; delete {path.parent} to extract it again")
+        raise MLPMemError(f"{path}: example {index} is not in the expected format; "
+                          f"delete {path.parent} to extract it again")
     question, _, passage = inp[len(_NQ_PREFIX):].partition(_NQ_CONTEXT)
     originals = [k for k, v in scores.items() if v == 0]
     original = originals[0] if originals else sub
@@ -320,7 +321,8 @@ def _open_binary(path: Path):
     try:
         return open(path, "rb")
     except OSError as e:
-        raise MLPMemError(f"cannot read corpus file {path} ({e.strerror or e}); check that it exists and is readable") from None
+        raise MLPMemError(f"cannot read corpus file {path} ({e.strerror or e}); "
+                          "check that it exists and is readable") from None
 
 
 def _iter_txt(path: Path, rel: str, bad: _BadUTF8) -> Iterator[Document]:
@@ -337,6 +339,15 @@ def _iter_txt(path: Path, rel: str, bad: _BadUTF8) -> Iterator[Document]:
     text = text.removeprefix("\ufeff")
     if text.strip():
         yield Document(text=text, doc_id=rel, group=rel)
+
+
+def _text_document(text, where: str, doc_id: str) -> Document | None:
+    """A record's text as a document (its group: the doc id); None when empty; an error when not a string."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise MLPMemError(f"{where} is a {type(text).__name__}, not a string")
+    return Document(text=text, doc_id=doc_id, group=doc_id) if text.strip() else None
 
 
 def _iter_jsonl(path: Path, rel: str, text_field: str, bad: _BadUTF8) -> Iterator[Document]:
@@ -357,21 +368,18 @@ def _iter_jsonl(path: Path, rel: str, text_field: str, bad: _BadUTF8) -> Iterato
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise MLPMemError(f"{where} is not valid JSON ({e}); fix the line (JSONL needs one JSON object per line)") from None
+                raise MLPMemError(f"{where} is not valid JSON ({e}); "
+                                  "fix the line (JSONL needs one JSON object per line)") from None
             if not isinstance(record, dict):
-                raise MLPMemError(f"{where} is a JSON {type(record).__name__}, not an object with a {text_field!r} field")
+                raise MLPMemError(f"{where} is a JSON {type(record).__name__}, "
+                                  f"not an object with a {text_field!r} field")
             if text_field not in record:
                 fields = ", ".join(map(repr, list(record)[:10])) or "none"
                 raise MLPMemError(f"{where} has no field {text_field!r} (fields: {fields}); "
                                   f"name the text field with text_field (--text-field)")
-            text = record[text_field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise MLPMemError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string")
-            if text.strip():
-                doc_id = f"{rel}:{lineno}"
-                yield Document(text=text, doc_id=doc_id, group=_record_group(record, doc_id))
+            doc = _text_document(record[text_field], f"{where}: field {text_field!r}", f"{rel}:{lineno}")
+            if doc is not None:
+                yield Document(doc.text, doc.doc_id, _record_group(record, doc.doc_id))
 
 
 def _iter_parquet(path: Path, rel: str, text_field: str, bad: _BadUTF8) -> Iterator[Document]:
@@ -387,7 +395,8 @@ def _iter_parquet(path: Path, rel: str, text_field: str, bad: _BadUTF8) -> Itera
     schema = pf.schema_arrow
     if text_field not in schema.names:
         cols = ", ".join(map(repr, schema.names[:20]))
-        raise MLPMemError(f"{path} has no column {text_field!r} (columns: {cols}); name the text column with text_field (--text-field)")
+        raise MLPMemError(f"{path} has no column {text_field!r} (columns: {cols}); "
+                          "name the text column with text_field (--text-field)")
     ttype = schema.field(text_field).type
     if not (pa.types.is_string(ttype) or pa.types.is_large_string(ttype)
             or pa.types.is_binary(ttype) or pa.types.is_large_binary(ttype)):
@@ -423,16 +432,19 @@ def _iter_datasets_dir(path: Path, rel: str, text_field: str) -> Iterator[Docume
         import datasets
     except ImportError:
         raise MLPMemError(f"{path} is a Hugging Face `datasets` folder (save_to_disk) but `datasets` is not installed; "
-                          "install it with `pip install 'mlpmemory[datasets]'`, or export the text to JSONL/parquet") from None
+                          "install it with `pip install 'mlpmemory[datasets]'`, "
+                          "or export the text to JSONL/parquet") from None
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises many types for damaged folders
         raise MLPMemError(f"cannot load the `datasets` folder {path} ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise MLPMemError(f"{path} holds several splits ({', '.join(ds)}); pass one split's folder, e.g. {path / next(iter(ds))}")
+        raise MLPMemError(f"{path} holds several splits ({', '.join(ds)}); "
+                          f"pass one split's folder, e.g. {path / next(iter(ds))}")
     if text_field not in ds.column_names:
         cols = ", ".join(map(repr, ds.column_names[:20]))
-        raise MLPMemError(f"{path} has no column {text_field!r} (columns: {cols}); name the text column with text_field (--text-field)")
+        raise MLPMemError(f"{path} has no column {text_field!r} (columns: {cols}); "
+                          "name the text column with text_field (--text-field)")
     group_col = next((c for c in ("group", "title") if c in ds.column_names and c != text_field), None)
     ds = ds.select_columns([text_field] + ([group_col] if group_col else []))
     row = 0
@@ -441,13 +453,9 @@ def _iter_datasets_dir(path: Path, rel: str, text_field: str) -> Iterator[Docume
         groups = batch[group_col] if group_col else [None] * len(texts)
         for text, grp in zip(texts, groups):
             r, row = row, row + 1
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise MLPMemError(f"{path} row {r}: column {text_field!r} is a {type(text).__name__}, not a string")
-            if text.strip():
-                doc_id = f"{rel}:{r}"
-                yield Document(text=text, doc_id=doc_id, group=str(grp) if grp not in (None, "") else doc_id)
+            doc = _text_document(text, f"{path} row {r}: column {text_field!r}", f"{rel}:{r}")
+            if doc is not None:
+                yield Document(doc.text, doc.doc_id, str(grp) if grp not in (None, "") else doc.doc_id)
 
 
 def _is_datasets_dir(path: Path) -> bool:

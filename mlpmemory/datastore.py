@@ -83,7 +83,8 @@ def open_datastore(path: str | os.PathLike, what: str = "datastore") -> Datastor
             continue
         shape = _shape(manifest, width)
         check_file_size(path / fname, int(np.prod(shape)) * np.dtype(dtype).itemsize, what)
-        arrays[name] = np.memmap(path / fname, dtype=dtype, mode="r", shape=shape) if shape[0] else np.zeros(shape, dtype)
+        arrays[name] = (np.memmap(path / fname, dtype=dtype, mode="r", shape=shape) if shape[0]
+                        else np.zeros(shape, dtype))
     if arrays["keys"] is None or arrays["values"] is None:
         raise MLPMemError(f"{what} at {path} lacks keys or values; rebuild it")
     if arrays["mem_inputs"] is None and _same_site(manifest.get("mem_site"), manifest.get("key_site")):
@@ -134,7 +135,8 @@ def read_tokens(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
         f.seek(start * 4)
         buf = f.read(count * 4)
     if len(buf) != count * 4:
-        raise MLPMemError(f"{path} is shorter than its manifest says (wanted tokens {start}..{stop}); rebuild the corpus stage")
+        raise MLPMemError(f"{path} is shorter than its manifest says (wanted tokens {start}..{stop}); "
+                          "rebuild the corpus stage")
     return np.frombuffer(buf, dtype=np.int32)
 
 
@@ -154,13 +156,16 @@ def _datastore_identity(lm, n_tokens: int, key_site, mem_site, block: int, strid
     n = max(0, n_tokens - 1)
     if n == 0:
         raise MLPMemError(f"cannot build a datastore from {n_tokens} token(s): the corpus split is empty")
-    hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
+    hidden = (model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config")
+              else model.config.hidden_size)
     separate_mem = msite is not None and msite.module_path != ksite.module_path  # else mem_inputs are the keys
-    arrays = ["keys", "values"] + (["mem_inputs"] if separate_mem else []) + (["lm_logprob"] if store_lm_logprob else [])
+    arrays = (["keys", "values"] + (["mem_inputs"] if separate_mem else [])
+              + (["lm_logprob"] if store_lm_logprob else []))
     settings = {
         "model": lm.name, "model_fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
-        "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None, "dtype": str(lm.dtype).replace("torch.", ""),
-        "key_dtype": "float16", "block": block, "stride": stride, "batch_size": batch_size, "n": n, "n_tokens": n_tokens,
+        "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None,
+        "dtype": str(lm.dtype).replace("torch.", ""), "key_dtype": "float16",
+        "block": block, "stride": stride, "batch_size": batch_size, "n": n, "n_tokens": n_tokens,
         "dim": hidden, "mem_dim": hidden if msite else None, "arrays": arrays, "token_start": token_start,
         **(identity or {}),
     }
@@ -185,7 +190,8 @@ def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_
     from .capture import capture_inputs, run_captured
 
     sites = [ksite] + ([msite] if msite is not None else [])
-    ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end) for w in batch]).astype(np.int64)
+    ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end)
+                    for w in batch]).astype(np.int64)
     forward = lm.model if store_lm_logprob else lm.model.base_model
     with torch.inference_mode(), capture_inputs(lm.model, sites, stop_early=not store_lm_logprob) as cap:
         result = run_captured(forward, input_ids=torch.from_numpy(ids).to(lm.device), use_cache=False)
@@ -254,7 +260,8 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
     # batch_size changes how a partial build resumes, not what a complete one holds
     stage = Stage(out, settings, "datastore", ignore=("batch_size",))
 
-    manifest = run_stage(stage, lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),
+    manifest = run_stage(stage,
+                         lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),
                          verify=lambda found: open_datastore(out) is not None)  # size checks
     (out / PROGRESS).unlink(missing_ok=True)  # after the manifest: a crash in between leaves a harmless record
     return manifest

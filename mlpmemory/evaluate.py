@@ -36,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DatastoreSettings, EvalSettings
 from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
 from .errors import MLPMemError
-from .config import DatastoreSettings, EvalSettings
 from .inference import KNNLM, _check_lambda, memory_token_logprobs, mix_logprobs
-from .io import atomic_path, write_raw_array
-from .io import atomic_write_json, read_json, read_manifest, sha256_json
+from .io import atomic_path, atomic_write_json, read_json, read_manifest, sha256_json, write_raw_array
 from .systems import names
 
 BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"  # the registry's names (mlpmemory.systems)
@@ -397,7 +396,8 @@ def choose(validation_rows: list[dict], system: str) -> dict:
     """The row of ``system`` with the lowest validation perplexity (ties: the first, i.e. smaller lambda)."""
     rows = [r for r in validation_rows if r["system"] == system]
     if not rows:
-        raise MLPMemError(f"no validation rows for system {system!r} (have {sorted({r['system'] for r in validation_rows})})")
+        raise MLPMemError(f"no validation rows for system {system!r} "
+                          f"(have {sorted({r['system'] for r in validation_rows})})")
     return dict(min(rows, key=lambda r: r["ppl"]))
 
 
@@ -425,7 +425,8 @@ def _plot(rows: list[dict], chosen: dict, path: Path, title: str) -> None:
     temps = list(dict.fromkeys(r["T"] for r in rows if r["system"] == KNN_LM))
     for t in temps:
         kr = [r for r in rows if r["system"] == KNN_LM and r["T"] == t]
-        ax.plot([r["lambda"] for r in kr], [r["ppl"] for r in kr], marker=".", linewidth=1, label=f"+ kNN-LM, T={t:.3g}")
+        ax.plot([r["lambda"] for r in kr], [r["ppl"] for r in kr], marker=".", linewidth=1,
+                label=f"+ kNN-LM, T={t:.3g}")
     for c in chosen.values():
         if c is not None and math.isfinite(c["ppl"]):
             ax.plot([c["lambda"]], [c["ppl"]], marker="*", markersize=14, color="red", linestyle="none")
@@ -543,5 +544,6 @@ def format_ppl_table(result: dict) -> str:
     for name, s in result["test"]["systems"].items():
         name = REGISTRY[name].table_name(s) if name in REGISTRY else name
         lines.append(f"| {name} | {fmt(s['lambda'], 'g')} | {fmt(s['T'], '.4g')} | {fmt(s['ppl'], '.3f')} | "
-                     f"{fmt(s['change_vs_base_pct'], '+.2f')}{'%' if s['change_vs_base_pct'] is not None else ''} | {fmt(s['bits_per_byte'], '.4f')} |")
+                     f"{fmt(s['change_vs_base_pct'], '+.2f')}{'%' if s['change_vs_base_pct'] is not None else ''} | "
+                     f"{fmt(s['bits_per_byte'], '.4f')} |")
     return "\n".join(lines)

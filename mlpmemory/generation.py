@@ -137,7 +137,8 @@ def _ids_of(tokenizer, prompt: str, i: int) -> list[int]:
     ids = list(tokenizer(prompt).input_ids)
     if not ids:
         if tokenizer.bos_token_id is None:
-            raise MLPMemError(f"prompt {i} is empty and the tokenizer has no BOS token; give at least one token of text")
+            raise MLPMemError(f"prompt {i} is empty and the tokenizer has no BOS token; "
+                              "give at least one token of text")
         ids = [tokenizer.bos_token_id]
     return ids
 
@@ -238,7 +239,8 @@ def generate(lm, prompts, *, memory=None, knn=None, lam: float = 0.0, max_new_to
     all_ids = [_ids_of(tok, p, i) for i, p in enumerate(prompts)]
     texts, token_ids, ttft = [], [], []
     seconds = 0.0
-    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_ids = ([device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda"
+                else [])
     rng = torch.random.fork_rng(devices=cuda_ids) if seed is not None else nullcontext()
     with rng, torch.inference_mode(), augmented(model, memory=memory, knn=knn, system=system, lam=lam, timer=timer):
         if seed is not None:

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from .config import IndexSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
-from .log import log, logger
 from .io import MANIFEST, atomic_path, check_file_size, read_json, read_manifest, sha256_file, sha256_json
+from .log import log, logger
 from .stage import Stage, run_stage
 
 INDEX_FILE = "index.faiss"
@@ -300,7 +300,8 @@ def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | 
         index = faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError) as e:
         first = (str(e).strip().splitlines() or ["unreadable"])[-1][:200]
-        raise MLPMemError(f"index file {path} is corrupted ({first}); delete {index_dir} and rebuild the index") from None
+        raise MLPMemError(f"index file {path} is corrupted ({first}); "
+                          f"delete {index_dir} and rebuild the index") from None
     if int(index.ntotal) != int(manifest["n"]) or int(index.d) != int(manifest["dim"]):
         raise MLPMemError(f"index file {path} holds {index.ntotal} x {index.d} but its manifest says "
                           f"{manifest['n']} x {manifest['dim']}; rebuild the index")

@@ -37,8 +37,8 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from .errors import MLPMemError
 from .config import DEFAULT_K
+from .errors import MLPMemError
 
 
 def _check_lambda(lam) -> float:
@@ -286,7 +286,7 @@ class KNNLM:
 
     @classmethod
     def from_dirs(cls, index_dir, datastore_dir, *, k: int = DEFAULT_K, temperature: float = 1.0, lam: float = 0.25,
-                  nprobe: int | None = None, vocab_size: int | None = None, search_batch: int = 1024) -> "KNNLM":
+                  nprobe: int | None = None, vocab_size: int | None = None, search_batch: int = 1024) -> KNNLM:
         """Load a built index and its datastore (checked to belong together)."""
         from .datastore import open_datastore
         from .index import index_fingerprint, load_index

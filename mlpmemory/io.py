@@ -22,9 +22,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -37,8 +38,8 @@ logger = logging.getLogger("mlpmemory")
 
 __all__ = [
     "MANIFEST", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-    "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "remove_path", "read_json", "write_manifest",
-    "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
+    "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "remove_path", "read_json",
+    "write_manifest", "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
     "file_lock", "stage_lock", "lock_path",
 ]
 

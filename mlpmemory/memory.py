@@ -94,7 +94,7 @@ class MLPMemoryConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MLPMemoryConfig":
+    def from_dict(cls, d: dict) -> MLPMemoryConfig:
         """Unknown keys are ignored (forward compatibility); missing required keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         try:
@@ -212,11 +212,12 @@ class MLPMemory(nn.Module):
             seen.add(ptr)
         config = self.config.to_dict()
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "mlpmemory_config": json.dumps(config, sort_keys=True)})
+            save_file(tensors, str(tmp),
+                      metadata={"format": "pt", "mlpmemory_config": json.dumps(config, sort_keys=True)})
         atomic_write_json(directory / CONFIG_NAME, config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, base=None, device=None, dtype=None) -> "MLPMemory":
+    def from_pretrained(cls, directory: str | os.PathLike, base=None, device=None, dtype=None) -> MLPMemory:
         """Load a saved memory; with ``base`` (a LoadedModel), refuse a base it was not trained for."""
         from safetensors import safe_open
 
@@ -235,7 +236,8 @@ class MLPMemory(nn.Module):
             raise MLPMemError(f"{directory / WEIGHTS_NAME} is unreadable ({type(e).__name__}: {e}); "
                               "the file is corrupted, save or train the memory again") from None
         if stored is not None and json.loads(stored) != config.to_dict():
-            raise MLPMemError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves; save the memory again")
+            raise MLPMemError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves; "
+                              "save the memory again")
         with torch.device("meta"):
             memory = cls(config)
         try:
@@ -358,7 +360,8 @@ def _sparse_kl(logits32, lse, offsets, token_ids, probs) -> torch.Tensor:
     return torch.zeros(logits32.shape[0], device=device, dtype=torch.float32).index_add(0, rows, terms)
 
 
-def sparse_kl(logits: torch.Tensor, offsets: torch.Tensor, token_ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def sparse_kl(logits: torch.Tensor, offsets: torch.Tensor, token_ids: torch.Tensor,
+              probs: torch.Tensor) -> torch.Tensor:
     """KL(p || softmax(logits)) per row, (B,) float32; p is CSR: offsets (B+1,) from 0, token_ids, probs."""
     logits32 = logits.float()
     return _sparse_kl(logits32, torch.logsumexp(logits32, dim=-1), offsets, token_ids, probs)

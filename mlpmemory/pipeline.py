@@ -32,9 +32,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import MLPMemError
+from .io import atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json, write_manifest
 from .log import log
-from .io import (atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json,
-                       write_manifest)
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
@@ -176,7 +175,8 @@ def training_datastore(run: Run):
     ds = open_datastore(run.path(DATASTORE))
     if ds.manifest["model_fingerprint"] != run.lm.fingerprint:
         raise MLPMemError(f"the datastore in {run.path(DATASTORE)} was built with another model or dtype than "
-                          f"{run.cfg.run.model} ({run.cfg.run.dtype}); use the same --model/--dtype or another --run-dir")
+                          f"{run.cfg.run.model} ({run.cfg.run.dtype}); "
+                          "use the same --model/--dtype or another --run-dir")
     if ds.manifest.get("mem_site") is None:
         raise MLPMemError("the datastore has no memory-input site; rebuild it with --mem-site")
     return ds
@@ -200,7 +200,8 @@ def stage_train(run: Run) -> dict:
         mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
         memory = build_memory(lm, mcfg)
         inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if s.train_mode == "online" else None
-        log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, input {ds.manifest['mem_site']['module']}")
+        log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, "
+            f"input {ds.manifest['mem_site']['module']}")
         return train_memory(memory, ds, targets, run.path(MEMORY), s, inputs=inputs, device=lm.device,
                             identity={"datastore_fingerprint": sha256_json(ds.manifest)})
     return run.timed(MEMORY, go)
@@ -342,7 +343,8 @@ def summarize(run: Run) -> dict:
                    "knn_lm": {"lambda": systems["knn_lm"]["lambda"], "T": systems["knn_lm"]["T"], "k": tg.get("k")},
                    "rag": ({**systems["rag"]["settings"], "retrieval_seconds": systems["rag"].get("retrieval_seconds"),
                             "seconds": systems["rag"].get("seconds")} if "rag" in systems else None)},
-        "memory": {"params": mem["memory_params"], "blocks": read_json(run.path(MEMORY) / "config.json").get("n_blocks"), "steps": mem["steps"],
+        "memory": {"params": mem["memory_params"],
+                   "blocks": read_json(run.path(MEMORY) / "config.json").get("n_blocks"), "steps": mem["steps"],
                    "train_rows_per_s": mem.get("rows_per_s_this_session"), "validation": mem.get("validation")},
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
         "settings": run.cfg.to_dict(),
@@ -387,10 +389,12 @@ def format_table(results: dict) -> str:
         ("memory alone (test PPL)", f"{ppl['memory_alone']:.2f}"),
     ]
     if (ch.get("rag") or {}).get("seconds") is not None:
-        rows.append(("+RAG test pass", f"{ch['rag']['seconds']:.1f}s (retrieval {ch['rag']['retrieval_seconds']:.2f}s)"))
+        rows.append(("+RAG test pass",
+                     f"{ch['rag']['seconds']:.1f}s (retrieval {ch['rag']['retrieval_seconds']:.2f}s)"))
     order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, RAG_BM25, EVAL_TEST, EVAL]
     times = results["stage_seconds"]
-    rows += [(f"time: {k}", f"{times[k]:.1f}s") for k in sorted(times, key=lambda k: order.index(k) if k in order else 99)]
+    rows += [(f"time: {k}", f"{times[k]:.1f}s")
+             for k in sorted(times, key=lambda k: order.index(k) if k in order else 99)]
     w = max(len(r[0]) for r in rows)
     lines += [f"| {'':<{w}} | |", f"|{'-' * (w + 2)}|---|"] + [f"| {a:<{w}} | {b} |" for a, b in rows]
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import MLPMemError
-from .log import logger
 from .io import read_manifest, sha256_file, sha256_json
+from .log import logger
 
 _PUNCT = set(string.punctuation)
 _SHOT_MAX_WORDS = 5  # few-shot examples show the short-answer format, so prefer short answers
@@ -82,7 +82,8 @@ def _load_jsonl(path: Path) -> list[dict]:
                 raise MLPMemError(f"{where} is not valid JSON ({e}); one object per line: "
                                   '{"question": ..., "answers": [...]}') from None
             if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
-                raise MLPMemError(f"{where} has no 'question' string; expected {{\"question\": ..., \"answers\": [...]}}")
+                raise MLPMemError(f"{where} has no 'question' string; "
+                                  f"expected {{\"question\": ..., \"answers\": [...]}}")
             if "answers" not in rec and "answer" not in rec:
                 raise MLPMemError(f"{where} has no 'answers' field (a string or a list of strings)")
             item = {"id": str(rec.get("id", f"line{n}")), "question": rec["question"].strip(),

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MLPMemError
 from .config import EvalSettings
+from .errors import MLPMemError
 from .io import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
 
 RAG_DIR = "rag_bm25"
@@ -115,7 +115,8 @@ class BM25Retriever:
         return sha256_json({k: v for k, v in self.manifest.items() if k != "seconds"})
 
     @classmethod
-    def build(cls, corpus_dir, out_dir, tokenizer, *, passage_tokens: int = EvalSettings.rag_passage_tokens) -> "BM25Retriever":
+    def build(cls, corpus_dir, out_dir, tokenizer, *,
+              passage_tokens: int = EvalSettings.rag_passage_tokens) -> BM25Retriever:
         """Index the corpus's train passages into ``out_dir`` (replacing what is there)."""
         import bm25s
 
@@ -142,7 +143,7 @@ class BM25Retriever:
         return cls(out, bm25, passages, manifest)
 
     @classmethod
-    def load(cls, out_dir) -> "BM25Retriever":
+    def load(cls, out_dir) -> BM25Retriever:
         import bm25s
 
         out = Path(out_dir)
@@ -158,7 +159,7 @@ class BM25Retriever:
         return cls(out, bm25, passages, manifest)
 
     @classmethod
-    def build_or_load(cls, run) -> "BM25Retriever":
+    def build_or_load(cls, run) -> BM25Retriever:
         """The run's retriever: loaded when ``<run>/rag_bm25`` matches the corpus and settings, else built."""
         out = run.path(RAG_DIR)
         corpus_dir = run.path("corpus")
@@ -167,7 +168,8 @@ class BM25Retriever:
             return cls.load(out)
         lm = run.lm
         if lm.tokenizer_fingerprint != want["tokenizer_fingerprint"]:
-            raise MLPMemError(f"the corpus in {corpus_dir} was tokenized with another tokenizer than {run.cfg.run.model}'s; "
+            raise MLPMemError(f"the corpus in {corpus_dir} was tokenized with another tokenizer than "
+                              f"{run.cfg.run.model}'s; "
                               "use the run's model or another --run-dir")
         return cls.build(corpus_dir, out, lm.tokenizer, passage_tokens=want["passage_tokens"])
 

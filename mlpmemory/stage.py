@@ -18,12 +18,12 @@ reused. :func:`run_stage` is the whole protocol:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import MLPMemError
-from .log import logger
 from .io import MANIFEST, atomic_write_json, is_complete, read_json, remove_path, stage_lock, write_manifest
+from .log import logger
 
 
 class Stage:

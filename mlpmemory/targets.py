@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from .config import TargetsSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
-from .log import log
 from .index import index_fingerprint, load_index
 from .io import atomic_path, read_json, read_manifest, sha256_json
+from .log import log
 from .stage import Stage, run_stage
 
 SHARD_FILES = ("offsets", "token_ids", "probs", "next_token")

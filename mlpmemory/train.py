@@ -132,7 +132,8 @@ class OnlineInputs:
 
         win_of = np.searchsorted(self.first_rows, rows, side="right") - 1
         needed = np.unique(win_of)
-        ids = np.stack([read_tokens(self.token_path, self.start + self.windows[w].begin, self.start + self.windows[w].end)
+        ids = np.stack([read_tokens(self.token_path, self.start + self.windows[w].begin,
+                                    self.start + self.windows[w].end)
                         for w in needed]).astype(np.int64)
         with torch.inference_mode(), capture_inputs(self.lm.model, [self.site], stop_early=True) as cap:
             run_captured(self.lm.model.base_model, input_ids=torch.from_numpy(ids).to(self.lm.device), use_cache=False)
@@ -338,8 +339,10 @@ def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, d
         "rows_per_s_this_session": rows_per_s, "flops_per_row": flops_per_row,
         "achieved_flops_per_s": flops_per_row * rows_per_s if rows_per_s else None,
         "matmul_peak_flops_per_s": peak, "autocast": str(amp).replace("torch.", "") if amp else "off",
-        "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None, "log": state["log"],
-        "snapshots": [{**x, "dir": str(snapshot_dir(out, x["step"]).relative_to(out))} for x in state.get("snapshots", [])],
+        "fraction_of_matmul_peak": (flops_per_row * rows_per_s / peak) if rows_per_s and peak else None,
+        "log": state["log"],
+        "snapshots": [{**x, "dir": str(snapshot_dir(out, x["step"]).relative_to(out))}
+                      for x in state.get("snapshots", [])],
         **(identity or {}),
     }
 

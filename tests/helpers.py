@@ -38,7 +38,7 @@ def tiny_run_args(run_dir, model_path, corpus, *extra) -> list[str]:
             "--heldout-fraction", "0.3", "--k", "8", *extra]
 
 
-def make_tiny_tokenizer(path) -> "PreTrainedTokenizerFast":  # noqa: F821
+def make_tiny_tokenizer(path) -> PreTrainedTokenizerFast:  # noqa: F821
     """A byte-level BPE tokenizer (vocab ~300) trained on synthetic text, saved to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

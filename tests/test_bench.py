@@ -5,10 +5,9 @@ import json
 
 import pytest
 
-
 from mlpmemory import bench_report
-from mlpmemory.commands import bench
 from mlpmemory.cli import main
+from mlpmemory.commands import bench
 
 TINY = ["--bench-prompts", "2", "--bench-prompt-tokens", "12", "--bench-decode-tokens", "4", "--bench-repeats", "2",
         "--bench-k", "16", "--bench-nprobe", "4", "--bench-rag-n", "2", "--bench-sizes", "300,1000000",
@@ -32,10 +31,11 @@ def test_bench_end_to_end(tiny_run, benched):
         assert set(pt["systems"]) == {"base", "memory", "knn_exact", "knn_ivfpq"}
         assert pt["systems"]["knn_exact"]["index"]["n"] == pt["n"]
         assert all(s[f"batch_{b}"]["tokens_per_s"] > 0 for s in pt["systems"].values() for b in (1, 8))
-    for name, r in benched["systems"].items():
+    for _name, r in benched["systems"].items():
         d = r["decode"]
         assert d["repeats"] == 2 and len(d["runs"]) == 2
-        assert all(len(run["step_ms"]) == 2 * 3 and len(run["ttft_ms"]) == 2 for run in d["runs"])  # 2 prompts x 3 steps
+        # 2 prompts x 3 steps
+        assert all(len(run["step_ms"]) == 2 * 3 and len(run["ttft_ms"]) == 2 for run in d["runs"])
         assert d["latency_ms_p50"] <= d["latency_ms_p95"]
         assert r["prefill"]["batch_1"]["runs"][0]["tokens"] == 2 * 12
         assert r["prefill"]["batch_8"]["runs"][0]["tokens"] == 8 * 12  # 2 prompts cycled to a full batch

@@ -23,7 +23,7 @@ def test_capture_matches_output_hidden_states(family, tiny_llama, tiny_gpt2):
         x = cap[sites[i].module_path]
         layer = model.get_submodule(layers[i])
         with torch.no_grad():
-            h_mid = hs[i + 1] - getattr(layer, "mlp")(x)  # residual stream before the FFN
+            h_mid = hs[i + 1] - layer.mlp(x)  # residual stream before the FFN
             expected = getattr(layer, FFN_NORM[family])(h_mid)
         torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
 

@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_text, tiny_run_args, write_docs
+
 from mlpmemory.cli import main
 
 
@@ -46,7 +46,8 @@ def fails(capsys, argv, *fragments):
 
 
 def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
-    rag = ["--rag-retrieve-every", "4", "--rag-query-tokens", "6", "--rag-passage-tokens", "16"]  # passages fit block 32
+    # passages fit block 32
+    rag = ["--rag-retrieve-every", "4", "--rag-query-tokens", "6", "--rag-passage-tokens", "16"]
     argv = args_for("run", tmp_path / "run", tiny_llama.path, corpus_dir, *rag)
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -67,7 +68,8 @@ def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
     assert "already complete" in capsys.readouterr().err
     # Another RAG setting re-runs the eval (only the +RAG pass is recomputed; the rest is cached).
-    assert main(args_for("run", tmp_path / "run", tiny_llama.path, corpus_dir, *rag[:-2], "--rag-retrieve-every", "8")) == 0
+    assert main(args_for("run", tmp_path / "run", tiny_llama.path, corpus_dir, *rag[:-2],
+                         "--rag-retrieve-every", "8")) == 0
     capsys.readouterr()
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["chosen"]["rag"]["retrieve_every"] == 8 and again["ppl"]["base"] == results["ppl"]["base"]
@@ -95,7 +97,7 @@ def test_help_shows_exactly_the_groups_each_command_reads(capsys):
     from mlpmemory.config import GROUPS
 
     every = {"--" + f.name.replace("_", "-"): f for cls in GROUPS.values() for f in fields(cls)}
-    for command, groups in STAGE_READS.items():
+    for command, _groups in STAGE_READS.items():
         with pytest.raises(SystemExit):
             main([command, "--help"])
         out = capsys.readouterr().out
@@ -165,7 +167,8 @@ def test_truncated_memmap_and_corrupt_index(tmp_path, tiny_llama, corpus_dir, ca
 def test_config_file_and_bad_settings(tmp_path, tiny_llama, corpus_dir, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[datastore]\nblock = 32\nstride = 40\n')
-    argv = [x for x in args_for("datastore", tmp_path / "r", tiny_llama.path, corpus_dir) if x not in ("--stride", "16")]
+    argv = [x for x in args_for("datastore", tmp_path / "r", tiny_llama.path, corpus_dir)
+            if x not in ("--stride", "16")]
     fails(capsys, [*argv, "--config", str(cfg)], "--stride")
     cfg.write_text('bogus = 1\n')
     fails(capsys, ["corpus", "--config", str(cfg)], "bogus")

@@ -8,10 +8,18 @@ import warnings
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_text
-from mlpmemory.corpus import (Document, iter_documents, load_nq_questions, open_token_stream,
-                              read_document_index, sliding_windows, split_of, tokenize_corpus)
+
+from mlpmemory.corpus import (
+    Document,
+    iter_documents,
+    load_nq_questions,
+    open_token_stream,
+    read_document_index,
+    sliding_windows,
+    split_of,
+    tokenize_corpus,
+)
 from mlpmemory.errors import MLPMemError
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,24 @@ import torch
 from mlpmemory.corpus import sliding_windows
 from mlpmemory.datastore import build_datastore, open_datastore
 from mlpmemory.errors import MLPMemError
-from mlpmemory.evaluate import (BASE, KNN_LM, MEMORY, MEM_FILE, MEM_META, RAG, bits_per_byte, build_eval_dir, choose,
-                                evaluate_ppl, format_ppl_table, knn_file, perplexity, score_components, sweep,
-                                text_bytes)
+from mlpmemory.evaluate import (
+    BASE,
+    KNN_LM,
+    MEM_FILE,
+    MEM_META,
+    MEMORY,
+    RAG,
+    bits_per_byte,
+    build_eval_dir,
+    choose,
+    evaluate_ppl,
+    format_ppl_table,
+    knn_file,
+    perplexity,
+    score_components,
+    sweep,
+    text_bytes,
+)
 from mlpmemory.inference import KNNLM
 
 BLOCK, STRIDE = 32, 12
@@ -245,7 +260,8 @@ def test_registry_systems_give_the_direct_per_token_logprobs(setup, tmp_path):
     np.testing.assert_array_equal(comps["lm"], lm)
     by = {s.name: s for s in systems}
     assert by["base"].mixed(comps) is comps["lm"]
-    assert by["memory"].mixed(comps, 0.0) is comps["lm"] and by["knn_lm"].mixed(comps, 0.0, knn.temperature) is comps["lm"]
+    assert (by["memory"].mixed(comps, 0.0) is comps["lm"]
+            and by["knn_lm"].mixed(comps, 0.0, knn.temperature) is comps["lm"])
     np.testing.assert_array_equal(by["memory"].mixed(comps, 0.3), mix_logprobs(lm, want_mem.astype(np.float64), 0.3))
     np.testing.assert_array_equal(by["knn_lm"].mixed(comps, 0.3, knn.temperature),
                                   mix_logprobs(lm, want_knn.astype(np.float64), 0.3))

@@ -9,12 +9,12 @@ import faiss
 import numpy as np
 import pytest
 import torch
-
 from helpers import synthetic_text
+
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.cli import main
-from mlpmemory.errors import MLPMemError
 from mlpmemory.commands.generate import Options, parse_stop, read_prompts
+from mlpmemory.errors import MLPMemError
 from mlpmemory.generation import StageTimer, augmented, generate, score_continuations
 from mlpmemory.inference import KNNLM, MemoryAugmentedLM, mix_logprobs
 from mlpmemory.memory import build_memory, memory_config_for
@@ -228,7 +228,8 @@ def test_score_continuations_batched_equals_unbatched_and_hand_computation(tiny_
         np.testing.assert_allclose(batched[i]["lm"], logp[pos, target].double().numpy(), rtol=1e-5, atol=1e-5)
         with torch.inference_mode():
             q = torch.log_softmax(memory(cap[site.module_path][0, pos]).float(), -1)
-        np.testing.assert_allclose(batched[i]["memory"], q[torch.arange(len(c_ids)), target].numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(batched[i]["memory"], q[torch.arange(len(c_ids)), target].numpy(),
+                                   rtol=1e-4, atol=1e-4)
         want_knn = knn.knn_logprob_of(cap[site.module_path][0, pos], c_ids)
         np.testing.assert_array_equal(np.isneginf(batched[i]["knn"]), np.isneginf(want_knn))
 
@@ -246,9 +247,9 @@ def test_cli_generate_each_system(tiny_run, system, capsys):
 
 
 def test_cli_generate_prompt_file_output_and_lambda(tiny_run, tiny_llama, tmp_path, capsys):
+    from mlpmemory.config import make_config
     from mlpmemory.generation import chosen_lambdas
     from mlpmemory.pipeline import Run
-    from mlpmemory.config import make_config
 
     (tmp_path / "p.txt").write_text("the river\nparis is\nmusic film team\n")
     out = tmp_path / "o" / "gen.jsonl"
@@ -258,7 +259,8 @@ def test_cli_generate_prompt_file_output_and_lambda(tiny_run, tiny_llama, tmp_pa
     assert cap.out.count(">>> ") == 3 and "chat template" in cap.err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in recs] == ["the river", "paris is", "music film team"]
-    lam = chosen_lambdas(Run(make_config(None, None, base=json.loads((tiny_run / "config.json").read_text()))))["memory"]
+    lam = chosen_lambdas(Run(make_config(None, None,
+                                         base=json.loads((tiny_run / "config.json").read_text()))))["memory"]
     assert lam is not None and all(r["lam"] == lam and r["system"] == "memory" for r in recs)
     assert all(0 < r["new_tokens"] <= 4 and "\n" not in r["text"] for r in recs)
     # Same prompts through the API: identical texts.

@@ -39,7 +39,8 @@ def test_choose_factory_rules():
     assert choose_factory(10_000_000, 4096, train_samples=200_000, ivf_flat_max_bytes=0) == "IVF4096,PQ64x8"
     assert choose_factory(1_000_000, 100, ivf_flat_max_bytes=0) == "IVF4096,PQ50x8"  # largest divisor of d <= 64
     assert choose_factory(1_000_000, 37, ivf_flat_max_bytes=0) == "IVF4096,PQ37x8"  # d <= 64: one dimension per byte
-    assert choose_factory(1_000_000, 67, ivf_flat_max_bytes=0) == "IVF4096,Flat"  # prime d > 64: PQ would be 1-byte codes
+    # prime d > 64: PQ would be 1-byte codes
+    assert choose_factory(1_000_000, 67, ivf_flat_max_bytes=0) == "IVF4096,Flat"
     assert choose_factory(1_000_000, 8, ivf_flat_max_bytes=0) == "IVF4096,PQ8x8"
     # too few training points for 8-bit PQ codebooks; nlist shrinks to keep 39 points per list
     assert choose_factory(5000, 16, flat_max_rows=0, ivf_flat_max_bytes=0) == "IVF128,Flat"

@@ -13,8 +13,16 @@ import pytest
 
 from mlpmemory import cache
 from mlpmemory.errors import MLPMemError
-from mlpmemory.io import (atomic_path, atomic_write_json, is_complete, lock_path, read_manifest, read_raw_array,
-                          stage_lock, write_raw_array)
+from mlpmemory.io import (
+    atomic_path,
+    atomic_write_json,
+    is_complete,
+    lock_path,
+    read_manifest,
+    read_raw_array,
+    stage_lock,
+    write_raw_array,
+)
 from mlpmemory.stage import Stage, run_stage
 
 # ---------------------------------------------------------------------------------------------

@@ -8,13 +8,26 @@ import torch.nn.functional as F
 
 from mlpmemory.capture import resolve_site
 from mlpmemory.errors import MLPMemError
-from mlpmemory.memory import (PRESETS, GeluMLP, MLPMemory, MLPMemoryConfig, RMSNorm, SwiGLU, build_memory,
-                              count_parameters, detect_family, fused_memory_loss, memory_config_for, memory_loss,
-                              sparse_kl)
+from mlpmemory.memory import (
+    PRESETS,
+    GeluMLP,
+    MLPMemory,
+    MLPMemoryConfig,
+    RMSNorm,
+    SwiGLU,
+    build_memory,
+    count_parameters,
+    detect_family,
+    fused_memory_loss,
+    memory_config_for,
+    memory_loss,
+    sparse_kl,
+)
 
 
 def random_csr(b, v, seed, with_zero=True, max_len=None):
-    """CSR targets with row lengths 1..max_len (default v/3), row 0 a single certain token, optionally an explicit zero."""
+    """CSR targets with row lengths 1..max_len (default v/3), row 0 a single certain token,
+    optionally an explicit zero."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(1, (max_len or v // 3) + 1, (b,), generator=g)
     lens[0] = 1
@@ -263,7 +276,8 @@ def test_param_ratio_picks_the_closest_block_count(kind, tiny_llama, tiny_gpt2):
             assert err <= abs(count_parameters(config, other) - target), (ratio, n, other)
         seen.add(n)
     assert len(seen) >= 4  # the ratio really drives the size
-    assert memory_config_for(lm, "last", preset="parity").n_blocks == memory_config_for(lm, "last", param_ratio=1.0).n_blocks
+    assert (memory_config_for(lm, "last", preset="parity").n_blocks
+            == memory_config_for(lm, "last", param_ratio=1.0).n_blocks)
     assert memory_config_for(lm, "last", param_ratio=1e-6).n_blocks == 1
     assert memory_config_for(lm, "last").n_blocks == PRESETS["small"]["n_blocks"]
     with pytest.raises(MLPMemError, match="unknown memory preset"):
@@ -279,7 +293,8 @@ def test_memory_overfits_a_small_target_set():
     offsets, ids, probs = random_csr(b, v, seed=11, with_zero=False, max_len=16)
     hidden = torch.randn(b, d, generator=torch.Generator().manual_seed(12))
     nxt = ids[offsets[:-1]]
-    memory = MLPMemory(MLPMemoryConfig(hidden_size=d, vocab_size=v, n_blocks=2, intermediate_size=64, head_init="random"))
+    memory = MLPMemory(MLPMemoryConfig(hidden_size=d, vocab_size=v, n_blocks=2, intermediate_size=64,
+                                       head_init="random"))
     opt = torch.optim.Adam(memory.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster and immune to a busy machine
@@ -300,7 +315,8 @@ def test_memory_overfits_a_small_target_set():
 
 
 def test_parity_preset_reproduces_the_papers_gpt2_memories():
-    """The paper's GPT-2 memories: parity with GPT-2 small/medium/large means 18/36/54 blocks (shapes only, meta device)."""
+    """The paper's GPT-2 memories: parity with GPT-2 small/medium/large means 18/36/54 blocks
+    (shapes only, meta device)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from mlpmemory.models import LoadedModel

@@ -6,13 +6,21 @@ import random
 
 import numpy as np
 import pytest
-
 from helpers import tiny_run_args, write_docs
+
 from mlpmemory.cli import main
-from mlpmemory.errors import MLPMemError
 from mlpmemory.commands.eval_qa import SYSTEMS, Options, continuation, loglik_curve, make_prompt, pick_lambda
-from mlpmemory.qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_qa_file, make_splits,
-                               max_over_ground_truths, normalize_answer)
+from mlpmemory.errors import MLPMemError
+from mlpmemory.qa_data import (
+    coverage_groups,
+    dedupe,
+    exact_match_score,
+    f1_score,
+    load_qa_file,
+    make_splits,
+    max_over_ground_truths,
+    normalize_answer,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,9 +73,11 @@ def test_exact_match_and_f1():
 def test_load_squad_json_and_jsonl(tmp_path):
     squad = {"version": "1.1", "data": [{"title": "Paris", "paragraphs": [
         {"context": "...", "qas": [
-            {"id": "q1", "question": " Capital of France? ", "answers": [{"text": "Paris"}, {"text": "Paris"}, {"text": "paris "}]},
+            {"id": "q1", "question": " Capital of France? ",
+             "answers": [{"text": "Paris"}, {"text": "Paris"}, {"text": "paris "}]},
             {"id": "q2", "question": "Unanswerable?", "answers": [], "is_impossible": True}]},
-        {"context": "...", "qas": [{"id": "q3", "question": "River?", "answers": [{"text": "Seine", "answer_start": 3}]}]}]}]}
+        {"context": "...", "qas": [{"id": "q3", "question": "River?",
+                                    "answers": [{"text": "Seine", "answer_start": 3}]}]}]}]}
     (tmp_path / "s.json").write_text(json.dumps(squad))
     items = load_qa_file(tmp_path / "s.json")
     assert [it["id"] for it in items] == ["q1", "q3"]
@@ -181,7 +191,8 @@ def test_lambda_by_loglik_picks_the_oracle_best():
         assert row["loglik"] == pytest.approx(oracle(row["lambda"]), rel=1e-9)
     best = max(lambdas, key=oracle)
     assert 0.0 < best < 0.8 and pick_lambda(curve, "loglik") == best
-    assert pick_lambda([{"lambda": 0.3, "em": 5.0}, {"lambda": 0.1, "em": 5.0}, {"lambda": 0.0, "em": 4.0}], "em") == 0.1
+    assert pick_lambda([{"lambda": 0.3, "em": 5.0}, {"lambda": 0.1, "em": 5.0}, {"lambda": 0.0, "em": 4.0}],
+                       "em") == 0.1
 
 
 def test_prompt_format():
@@ -252,7 +263,8 @@ def _qa_file(d, texts):
     with open(path, "w") as f:
         for i, t in enumerate(texts):
             f.write(json.dumps({"id": f"q{i}", "question": f"what comes after {' '.join(t.split()[:3])}?",
-                                "answers": [next(w for w in t.split()[3:] if len(w) > 3)], "doc_id": f"docs.jsonl:{i + 1}", "group": f"doc{i}"}) + "\n")
+                                "answers": [next(w for w in t.split()[3:] if len(w) > 3)],
+                                "doc_id": f"docs.jsonl:{i + 1}", "group": f"doc{i}"}) + "\n")
     return path
 
 

@@ -8,15 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import synthetic_text
+
 from mlpmemory.config import make_config
 from mlpmemory.corpus import open_token_stream, read_document_index, sliding_windows, tokenize_corpus
-from mlpmemory.evaluate import build_eval_dir
 from mlpmemory.datastore import open_datastore
+from mlpmemory.evaluate import build_eval_dir
 from mlpmemory.pipeline import Run, stage_corpus
-from mlpmemory.rag import (RAG_DIR, RAG_FILE, RAG_META, BM25Retriever, Passage, cached_ralm_logprobs,
-                           corpus_passages, rag_prompt, ralm_logprobs)
+from mlpmemory.rag import (
+    RAG_DIR,
+    RAG_FILE,
+    RAG_META,
+    BM25Retriever,
+    Passage,
+    cached_ralm_logprobs,
+    corpus_passages,
+    rag_prompt,
+    ralm_logprobs,
+)
 
 
 def doc_text(i: int, n_words: int) -> str:
@@ -54,7 +63,8 @@ def test_passages_are_the_decoded_datastore_documents(corpus, tiny_llama):
         ids = tokens[r["start"]:r["start"] + r["n_tokens"]].tolist()
         parts = [ids[k:k + 16] for k in range(0, len(ids), 16)]
         for k, part in enumerate(parts):
-            expected.append((r["doc_id"] if len(parts) == 1 else f"{r['doc_id']}#{k}", tiny_llama.tokenizer.decode(part)))
+            expected.append((r["doc_id"] if len(parts) == 1 else f"{r['doc_id']}#{k}",
+                             tiny_llama.tokenizer.decode(part)))
     got = corpus_passages(cdir, tiny_llama.tokenizer, passage_tokens=16)
     assert [(p["doc_id"], p["text"]) for p in got] == expected
     assert any("#" in d for d, _ in expected) and sum(p["n_tokens"] for p in got) == sum(
@@ -62,7 +72,8 @@ def test_passages_are_the_decoded_datastore_documents(corpus, tiny_llama):
     held = {r["doc_id"] for r in records if r["split"] == "heldout"}
     assert held and not held & {p["doc_id"].split("#")[0] for p in got}
     r = BM25Retriever.build(cdir, corpus / "bm25_16", tiny_llama.tokenizer, passage_tokens=16)
-    assert len(r) == len(expected) and [(p["doc_id"], p["text"]) for p in BM25Retriever.load(r.path).passages] == expected
+    assert len(r) == len(expected)
+    assert [(p["doc_id"], p["text"]) for p in BM25Retriever.load(r.path).passages] == expected
 
 
 def test_retrieval_finds_the_source_document(corpus, retriever, tiny_llama):

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_run_args, write_docs
+
 from mlpmemory.cli import main
+from mlpmemory.commands.scaling import fit_power_law, power_law
 from mlpmemory.datastore import open_datastore
 from mlpmemory.memory import MLPMemory, MLPMemoryConfig, count_parameters
-from mlpmemory.commands.scaling import fit_power_law, power_law
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def test_scaling_end_to_end_then_noop(tiny_run, capsys):
     points = result["tokens"]["points"]
     assert result["tokens"]["blocks"] == 3 and [p["fraction"] for p in points] == [0.5, 1.0]
     assert points[0]["rows_seen"] < points[1]["rows_seen"] == sizes[2]["train_rows_seen"]
-    half = oracle_scores(run_dir / "scaling" / "blocks_3" / "snapshots" / f"step_{points[0]['step']:07d}", run_dir, lambdas)
+    half = oracle_scores(run_dir / "scaling" / "blocks_3" / "snapshots" / f"step_{points[0]['step']:07d}",
+                         run_dir, lambdas)
     assert points[0]["memory_alone_test_ppl"] == pytest.approx(half["memory_alone_test_ppl"], rel=1e-4)
     assert points[1]["memory_alone_test_ppl"] == sizes[2]["memory_alone_test_ppl"]
     # A second call changes nothing on disk and prints the same table.
@@ -139,6 +140,7 @@ def test_ablations_script_on_the_study_engine(tiny_run, capsys):
     assert by_setting[("input layer", 0.4, last)]["name"] == by_setting[("alpha", 0.4, last)]["name"]  # trained once
     assert all(1.0 < r["test_ppl"] < 1000 for r in report["rows"])
     assert "| alpha | alpha=0 |" in capsys.readouterr().out
-    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "ablations").rglob("*") if p.is_file() and "json" not in p.name}
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "ablations").rglob("*")
+              if p.is_file() and "json" not in p.name}
     assert ablations.main(argv) == 0  # resumable: nothing trained or scored again
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())

@@ -5,14 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_generation import PROMPTS, peaky_memory, tiny_knn
 
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.errors import MLPMemError
 from mlpmemory.inference import MemoryAugmentedLM, memory_logprobs, mix_logprobs
 from mlpmemory.rag import Passage, rag_prompt
-from mlpmemory.systems import (REGISTRY, BaseLM, KNNLMSystem, MemorySystem, RAGSystem, System, get_system, names,
-                               systems_for, tuned)
-from test_generation import PROMPTS, peaky_memory, tiny_knn
+from mlpmemory.systems import (
+    REGISTRY,
+    BaseLM,
+    KNNLMSystem,
+    MemorySystem,
+    RAGSystem,
+    System,
+    get_system,
+    names,
+    systems_for,
+    tuned,
+)
 
 
 def test_registry_names_and_interface():

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from mlpmemory.capture import resolve_site
 from mlpmemory.datastore import build_datastore, open_datastore
 from mlpmemory.errors import MLPMemError
 from mlpmemory.index import build_index
 from mlpmemory.memory import build_memory, memory_config_for
-from mlpmemory.capture import resolve_site
 from mlpmemory.targets import build_targets, open_targets
 from mlpmemory.train import CHECKPOINT, OfflineInputs, OnlineInputs, TrainSettings, train_memory
 

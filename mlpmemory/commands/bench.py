@@ -43,12 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bench_report import (LABELS, flop_report, memory_flops_per_token, write_outputs)
+from ..bench_report import LABELS, flop_report, memory_flops_per_token, write_outputs
 from ..config import opt
 from ..errors import MLPMemError
-from ..log import log
 from ..io import atomic_write_json, is_complete, read_manifest, sha256_json, write_manifest
-
+from ..log import log
 
 SYSTEMS = ("base", "memory", "knn_exact", "knn_ivfpq", "rag")
 TRAIN_SAMPLES = 100_000  # IVF/PQ training sample (deterministic), enough for >= 39 points per list
@@ -300,7 +299,8 @@ def decode_runs(bench: Bench, system: Entry, groups: list[list[int]], steps: int
         rs = [bench.decode(system, g, steps) for g in groups]
         runs.append({"seconds": sum(sum(r["step_s"]) for r in rs), "tokens": steps * sum(map(len, groups)),
                      "step_ms": [1e3 * s for r in rs for s in r["step_s"]], "ttft_ms": [1e3 * r["ttft_s"] for r in rs],
-                     "stages": {k: sum(r["stages"].get(k, 0.0) for r in rs) for k in {k for r in rs for k in r["stages"]}}})
+                     "stages": {k: sum(r["stages"].get(k, 0.0) for r in rs)
+                                for k in {k for r in rs for k in r["stages"]}}})
     out = _rate_summary(runs, "tokens")
     for name, key in (("latency", "step_ms"), ("ttft", "ttft_ms")):
         for q in (50, 95):
@@ -390,7 +390,8 @@ class _Loader:
         ds = self.ds
         todo = {(ds.n, k) for k in KNN_VARIANTS if k in names_} | {(n, k) for n in sizes for k in KNN_VARIANTS}
         for n, k in sorted(todo):
-            prefix_index(ds, n, prefix_factories(n, ds.dim)[k], self.out / "indexes", self.opts.bench_nprobe, load=False)
+            prefix_index(ds, n, prefix_factories(n, ds.dim)[k], self.out / "indexes", self.opts.bench_nprobe,
+                         load=False)
         for name in names_:
             if name not in KNN_VARIANTS and get_system(name).transforms_prompt:
                 get_system(name).load(self.run, n_passages=self.opts.bench_rag_n)
@@ -497,7 +498,8 @@ def run_scaling(bench: Bench, opts: Options, sizes: list[int], load) -> dict:
             point["systems"][name] = {**decode_rates(bench, system, opts), **(system.info or {})}
         points.append(point)
     last = points[-1]["systems"]
-    ratios = {f"memory_over_{k}_batch_{b}": last["memory"][f"batch_{b}"]["tokens_per_s"] / last[k][f"batch_{b}"]["tokens_per_s"]
+    ratios = {f"memory_over_{k}_batch_{b}":
+              last["memory"][f"batch_{b}"]["tokens_per_s"] / last[k][f"batch_{b}"]["tokens_per_s"]
               for k in ("knn_exact", "knn_ivfpq") for b in (1, 8)}
     return {"sizes": sizes, "points": points, "largest_n": sizes[-1], "ratios_at_largest_n": ratios}
 

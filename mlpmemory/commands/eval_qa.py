@@ -44,12 +44,18 @@ import numpy as np
 
 from ..config import opt
 from ..errors import MLPMemError
-from ..log import logger
 from ..io import atomic_write_json, read_json, read_manifest, sha256_json
-from ..qa_data import (coverage_groups, dedupe, exact_match_score, f1_score, load_data, make_splits,
-                      max_over_ground_truths)
+from ..log import logger
+from ..qa_data import (
+    coverage_groups,
+    dedupe,
+    exact_match_score,
+    f1_score,
+    load_data,
+    make_splits,
+    max_over_ground_truths,
+)
 from ..systems import names, tuned
-
 
 SYSTEMS = tuple(names())
 COVERAGE = ("in_memory", "heldout", "not_in_memory")
@@ -217,7 +223,8 @@ def choose_lambdas(lm, dev: list[dict], prompts: list[str], comps: dict, opts: O
     if not comps:
         return out
     if opts.qa_lambda_select == "loglik":
-        pairs = [(q, p, continuation(p, a, chat)) for q, (it, p) in enumerate(zip(dev, prompts)) for a in it["answers"][:8]]
+        pairs = [(q, p, continuation(p, a, chat))
+                 for q, (it, p) in enumerate(zip(dev, prompts)) for a in it["answers"][:8]]
         res = score_continuations(lm, [p for _, p, _ in pairs], [c for _, _, c in pairs], batch_size=opts.qa_batch,
                                   systems=list(comps.values()))
         per_q: list[list[dict]] = [[] for _ in dev]
@@ -322,7 +329,8 @@ def format_table(result: dict) -> str:
             m = lat[name]
             ret = "" if m.get("retrieval_ms") is None else f"{m['retrieval_ms']:.1f}"
             mem = "" if m.get("memory_ms") is None else f"{m['memory_ms']:.1f}"
-            lines.append(f"| {name} | {m['ttft_ms']['mean']:.1f} | {m['ttft_ms']['p50']:.1f} | {m['ttft_ms']['p95']:.1f}"
+            lines.append(f"| {name} | {m['ttft_ms']['mean']:.1f} | {m['ttft_ms']['p50']:.1f} | "
+                         f"{m['ttft_ms']['p95']:.1f}"
                          f" | {m['tokens_per_s']:.1f} | {ret} | {mem} |")
     return "\n".join(lines)
 
@@ -374,7 +382,8 @@ def _dev_lambdas(lm, out: Path, dev_key: str, dev: list[dict], shots: list[dict]
         t = time.perf_counter()
         chosen = choose_lambdas(lm, dev, [make_prompt(it["question"], shots, opts, lm.tokenizer) for it in dev],
                                 comps, opts, opts.chat)
-        dev_res = {"key": dev_key, "method": opts.qa_lambda_select, "n_dev": len(dev), "dev_ids": [it["id"] for it in dev],
+        dev_res = {"key": dev_key, "method": opts.qa_lambda_select, "n_dev": len(dev),
+                   "dev_ids": [it["id"] for it in dev],
                    "systems": chosen, "seconds": round(time.perf_counter() - t, 2)}
         atomic_write_json(dev_path, dev_res)
     return {s: dev_res["systems"][s]["lambda"] for s in comps}

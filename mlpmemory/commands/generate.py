@@ -28,7 +28,8 @@ SYSTEMS = tuple(names())
 class Options:
     prompt: str | None = opt(None, "the prompt to continue")
     prompt_file: str | None = opt(None, "prompts to continue: .txt (one per line) or .jsonl (a 'prompt' field)")
-    system: str = opt("memory", "which system generates: the base LM, + MLP memory, + kNN-LM or + RAG (3 BM25 passages before the prompt)",
+    system: str = opt("memory", "which system generates: the base LM, + MLP memory, + kNN-LM or + RAG "
+                                "(3 BM25 passages before the prompt)",
                       choices=list(SYSTEMS))
     lam: float | None = opt(None, "weight of the memory / kNN distribution (default: the lambda chosen on validation "
                                   "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)")
@@ -45,7 +46,7 @@ class Options:
     chat: bool = opt(False, "wrap each prompt in the tokenizer's chat template (when it has one)")
     output: str | None = opt(None, "also write JSONL: {prompt, system, lam, text, new_tokens, ttft_s} per prompt")
 
-    def validate(self) -> "Options":
+    def validate(self) -> Options:
         if (self.prompt is None) == (self.prompt_file is None):
             raise MLPMemError("give exactly one of --prompt and --prompt-file")
         if self.num_beams < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
@@ -98,7 +99,8 @@ def _chat_wrap(tokenizer, prompts: list[str]) -> list[str]:
         return prompts
     out = []
     for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True)
         bos = tokenizer.bos_token
         if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
             text = text[len(bos):]  # the tokenizer adds it again
@@ -142,7 +144,8 @@ def main(run, opts: Options) -> None:
                             "new_tokens": len(res.token_ids[j]), "ttft_s": res.ttft_s[j]})
     if opts.output:
         Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        Path(opts.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                     encoding="utf-8")
     n_tok = sum(r["new_tokens"] for r in records)
     ttft = sum(r["ttft_s"] for r in records) / len(records)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.totals.items())

@@ -48,7 +48,8 @@ OUT_NAME = "scaling"
 class Options:
     scaling_blocks: str = opt("1,2,4,8", "memory sizes to train, comma-separated: block counts and/or memory presets "
                                          "(tiny, small, base, parity)")
-    scaling_epochs: float | None = opt(None, "training epochs of every memory in the study (default: the run's --epochs)")
+    scaling_epochs: float | None = opt(None, "training epochs of every memory in the study "
+                                             "(default: the run's --epochs)")
     scaling_checkpoints: str = opt("0.25,0.5,1", "fractions of the largest memory's training at which it is "
                                                  "evaluated (perplexity vs training tokens)")
     scaling_out: str | None = opt(None, "output directory (default: <run-dir>/scaling)")
@@ -73,9 +74,11 @@ class Options:
         try:
             fr = sorted({float(x) for x in str(self.scaling_checkpoints).split(",") if x.strip()})
         except ValueError:
-            raise MLPMemError(f"--scaling-checkpoints must be comma-separated numbers, got {self.scaling_checkpoints!r}") from None
+            raise MLPMemError(f"--scaling-checkpoints must be comma-separated numbers, "
+                              f"got {self.scaling_checkpoints!r}") from None
         if any(not 0.0 < f <= 1.0 for f in fr):
-            raise MLPMemError(f"--scaling-checkpoints must be fractions within (0, 1], got {self.scaling_checkpoints!r}")
+            raise MLPMemError(f"--scaling-checkpoints must be fractions within (0, 1], "
+                              f"got {self.scaling_checkpoints!r}")
         return fr
 
     def validate(self) -> None:
@@ -106,11 +109,13 @@ def fit_power_law(n, y, *, grid: int = 200, rounds: int = 5) -> dict:
     """
     n, y = np.asarray(n, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if n.shape != y.shape or n.size < 2 or not (np.all(np.isfinite(y)) and np.all(y > 0) and np.all(n > 0)):
-        raise MLPMemError(f"a power-law fit needs at least two finite positive points, got n={n.tolist()}, y={y.tolist()}")
+        raise MLPMemError(f"a power-law fit needs at least two finite positive points, "
+                          f"got n={n.tolist()}, y={y.tolist()}")
     logn = np.log(n)
     if n.size < 3:  # two points determine a and b only
         a, b, sse = _fit_fixed_c(logn, y, 0.0)
-        return {"a": a, "b": b, "c": 0.0, "sse_log": sse, "points": int(n.size), "method": "log-space least squares, c fixed at 0"}
+        return {"a": a, "b": b, "c": 0.0, "sse_log": sse, "points": int(n.size),
+                "method": "log-space least squares, c fixed at 0"}
     top = float(y.min())
     lo, hi, best = 0.0, top, (math.inf, 0.0)
     for _ in range(rounds):
@@ -264,7 +269,8 @@ def format_scaling_table(result: dict) -> str:
     base = result["base"]["test_ppl"]
     lines = [f"Memory size vs held-out test perplexity ({result['test_tokens']:,} test tokens; lambda chosen on "
              f"{result['validation_tokens']:,} validation tokens; base LM {base:.3f})", "",
-             "| blocks | params | non-head params | training rows | val KL | val CE | memory alone PPL | + memory PPL | lambda |",
+             "| blocks | params | non-head params | training rows | val KL | val CE | memory alone PPL | "
+             "+ memory PPL | lambda |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in result["sizes"]:
         v = s.get("validation") or {}
@@ -280,7 +286,8 @@ def format_scaling_table(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for p in tk["points"]:
             lines.append(f"| {p['fraction']:g} | {p['step']} | {p['rows_seen']:,} | "
-                         f"{f((p.get('validation') or {}).get('kl'), '.3f')} | {f(p['memory_alone_test_ppl'], '.2f')} | "
+                         f"{f((p.get('validation') or {}).get('kl'), '.3f')} | "
+                         f"{f(p['memory_alone_test_ppl'], '.2f')} | "
                          f"{f(p['mixed_test_ppl'], '.3f')} | {p['lambda']} |")
     return "\n".join(lines)
 

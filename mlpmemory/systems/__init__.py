@@ -57,12 +57,12 @@ class System:
 
     # -- what it needs from a run -------------------------------------------------------------
     @classmethod
-    def load(cls, run, **options) -> "System":
+    def load(cls, run, **options) -> System:
         """The system with its components loaded from the run directory (``options``: one invocation's)."""
         return cls()
 
     @classmethod
-    def from_components(cls, **components) -> "System | None":
+    def from_components(cls, **components) -> System | None:
         """The system around components a caller holds (``memory=``, ``knn=`` ...), None if it has none."""
         return None
 
@@ -107,7 +107,7 @@ class System:
         scored = self.variants(comps[self.component], None if t is None else [t])[t]
         return mix_logprobs(comps["lm"], scored, lam) if self.has_lambda else scored
 
-    def for_sweep(self) -> "System":
+    def for_sweep(self) -> System:
         """The system as eval-ppl scores it on validation (the kNN-LM: at a grid of temperatures)."""
         return self
 

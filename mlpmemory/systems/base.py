@@ -13,7 +13,7 @@ class BaseLM(System):
     component = "lm"
 
     @classmethod
-    def from_components(cls, **components) -> "BaseLM":
+    def from_components(cls, **components) -> BaseLM:
         return cls()  # every caller has the base LM
 
     def eval_logprobs(self, ds, *, choice=None, batch: int = 4096, progress: bool = True):

@@ -21,7 +21,7 @@ class KNNLMSystem(System):
             raise MLPMemError(f"temperatures must be a non-empty list of numbers > 0, got {temperatures!r}")
 
     @classmethod
-    def load(cls, run, nprobe: int | None = None, index_dir=None, **options) -> "KNNLMSystem":
+    def load(cls, run, nprobe: int | None = None, index_dir=None, **options) -> KNNLMSystem:
         from ..generation import load_knn
 
         return cls(load_knn(run, nprobe=nprobe, index_dir=index_dir))
@@ -30,7 +30,7 @@ class KNNLMSystem(System):
     def from_components(cls, knn=None, temperatures=None, **components):
         return cls(knn, temperatures) if knn is not None else None
 
-    def for_sweep(self) -> "KNNLMSystem":
+    def for_sweep(self) -> KNNLMSystem:
         """The same kNN-LM scored at a grid of T around its own (T * 2**j, j = -2..2) unless T are given."""
         if self.temperatures is not None:
             return self

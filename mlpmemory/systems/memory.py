@@ -16,7 +16,7 @@ class MemorySystem(System):
         self._fingerprint = fingerprint
 
     @classmethod
-    def load(cls, run, **options) -> "MemorySystem":
+    def load(cls, run, **options) -> MemorySystem:
         from ..generation import load_memory
 
         return cls(load_memory(run))

@@ -21,7 +21,7 @@ class RAGSystem(System):
         self.retriever, self.n_passages, self.template, self.scored = retriever, int(n_passages), template, scored
 
     @classmethod
-    def load(cls, run, n_passages: int = 3, rag_template: str | None = None, **options) -> "RAGSystem":
+    def load(cls, run, n_passages: int = 3, rag_template: str | None = None, **options) -> RAGSystem:
         from ..rag import BM25Retriever
 
         return cls(BM25Retriever.build_or_load(run), n_passages, rag_template)
