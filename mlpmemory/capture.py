@@ -24,9 +24,11 @@ import torch
 
 from .errors import MLPMemError
 
-# Where decoder layers live, and what their FFN is called, in the families we know.
+# Where decoder layers live, and what their FFN is called, in the families we know. OPT (and XGLM,
+# BioGPT) have no FFN module: the layer calls its first linear ``fc1`` directly, on the normed state
+# flattened to (batch * seq, d); the capture hook restores the (batch, seq, d) shape.
 LAYER_LIST_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
-FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "fc1")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,13 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
     captured: dict[str, torch.Tensor] = {}
     remaining = {s.module_path for s in sites}
     handles = []
+    lead: list[torch.Size] = []  # (batch, seq) of the current forward, to unflatten a (batch * seq, d) input
+
+    def root_hook(module, args, kwargs):
+        ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        lead[:] = [ids.shape[:2]] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else (
+            [embeds.shape[:2]] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else [])
 
     def make_hook(path: str):
         def hook(module, args, kwargs):
@@ -133,11 +142,14 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
             if x is None:
                 raise MLPMemError(f"could not read the input of {path}: "
                                   "the module was called without a tensor argument")
+            if x.dim() == 2 and lead and x.shape[0] == lead[0].numel():
+                x = x.view(*lead[0], x.shape[-1])
             captured[path] = x.detach()
             if stop_early and remaining.issubset(captured.keys()):
                 raise _StopForward
         return hook
 
+    handles.append(model.register_forward_pre_hook(root_hook, with_kwargs=True))
     for s in sites:
         module = _get(model, s.module_path)
         handles.append(module.register_forward_pre_hook(make_hook(s.module_path), with_kwargs=True))

@@ -71,7 +71,9 @@ class Window:
     """One forward pass: tokens[begin:end] go in; rows for targets first_target..end-1 come out.
 
     The row of target position j (1 <= j < n_tokens) uses the hidden state at position j-1,
-    which sits at offset j-1-begin inside the window.
+    which sits at offset j-1-begin inside the window. When the tokenizer adds a BOS
+    (:func:`mlpmemory.models.bos_prefix`), it goes in before the window, is never scored and
+    shifts those offsets by its length (:func:`mlpmemory.datastore.window_ids`).
     """
 
     begin: int

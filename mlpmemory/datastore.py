@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,15 @@ def read_tokens(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.int32)
 
 
+def window_ids(token_path, token_start: int, windows, prefix=()) -> np.ndarray:
+    """Model inputs of equal-length windows, (n, len(prefix) + length) int64: per window ``prefix`` (the
+    tokenizer's BOS, :func:`mlpmemory.models.bos_prefix`) then ``tokens[begin:end]``; stream position j
+    of window w sits at column ``j - w.begin + len(prefix)``."""
+    head = np.asarray(prefix, dtype=np.int64)
+    return np.stack([np.concatenate([head, read_tokens(token_path, token_start + w.begin, token_start + w.end)])
+                     for w in windows]).astype(np.int64, copy=False)
+
+
 def _preallocate(path: Path, nbytes: int) -> None:
     with open(path, "ab") as f:
         f.truncate(nbytes)
@@ -149,6 +159,7 @@ def _datastore_identity(lm, n_tokens: int, key_site, mem_site, block: int, strid
                         store_lm_logprob: bool, identity: dict | None, token_start: int):
     """(settings that must match, key site, memory-input site or None) of a datastore build."""
     from .capture import resolve_site
+    from .models import bos_prefix
 
     model = lm.model
     ksite = resolve_site(model, key_site)
@@ -156,13 +167,18 @@ def _datastore_identity(lm, n_tokens: int, key_site, mem_site, block: int, strid
     n = max(0, n_tokens - 1)
     if n == 0:
         raise MLPMemError(f"cannot build a datastore from {n_tokens} token(s): the corpus split is empty")
-    hidden = (model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config")
-              else model.config.hidden_size)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = cfg.hidden_size
+    prefix = bos_prefix(lm.tokenizer)  # put before every window, never scored
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if prefix and max_pos and block + len(prefix) > max_pos:
+        raise MLPMemError(f"block {block} + the tokenizer's BOS exceed the model's {max_pos} positions; lower --block")
     separate_mem = msite is not None and msite.module_path != ksite.module_path  # else mem_inputs are the keys
     arrays = (["keys", "values"] + (["mem_inputs"] if separate_mem else [])
               + (["lm_logprob"] if store_lm_logprob else []))
     settings = {
         "model": lm.name, "model_fingerprint": lm.fingerprint, "tokenizer_fingerprint": lm.tokenizer_fingerprint,
+        "bos_prefix": prefix,
         "key_site": ksite.to_dict(), "mem_site": msite.to_dict() if msite else None,
         "dtype": str(lm.dtype).replace("torch.", ""), "key_dtype": "float16",
         "block": block, "stride": stride, "batch_size": batch_size, "n": n, "n_tokens": n_tokens,
@@ -183,30 +199,36 @@ def _open_arrays(out: Path, settings: dict) -> dict:
     return files
 
 
-def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_logprob: bool) -> dict:
-    """The rows of one batch of windows, per array: one forward pass of the frozen LM."""
+def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_logprob: bool,
+                prefix: list[int]) -> dict:
+    """The rows of one batch of windows, per array: one forward pass of the frozen LM over ``prefix`` +
+    each window (:func:`window_ids`); the prefix is never scored."""
     import torch
 
     from .capture import capture_inputs, run_captured
+    from .inference import lm_scoring_forward
 
     sites = [ksite] + ([msite] if msite is not None else [])
-    ids = np.stack([read_tokens(token_path, token_start + w.begin, token_start + w.end)
-                    for w in batch]).astype(np.int64)
-    forward = lm.model if store_lm_logprob else lm.model.base_model
+    ids = window_ids(token_path, token_start, batch, prefix)
+    # with lm_logprob: final hidden states (the head runs later, on scored rows only), else stop at the last site
+    forward = partial(lm_scoring_forward, lm.model) if store_lm_logprob else lm.model.base_model
     with torch.inference_mode(), capture_inputs(lm.model, sites, stop_early=not store_lm_logprob) as cap:
         result = run_captured(forward, input_ids=torch.from_numpy(ids).to(lm.device), use_cache=False)
     rows: dict[str, list] = {"keys": [], "values": [], "mem_inputs": [], "lm_logprob": []}
     for wi, w in enumerate(batch):
-        pos = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)
-        target = ids[wi, w.first_target - w.begin: w.end - w.begin]
+        shift = len(prefix) - w.begin  # stream position j sits at column j + shift
+        pos = slice(w.first_target - 1 + shift, w.end - 1 + shift)
+        target = ids[wi, w.first_target + shift: w.end + shift]
         rows["keys"].append(cap[ksite.module_path][wi, pos].to(torch.float16).cpu().numpy())
         rows["values"].append(target.astype(np.int32))
         if msite is not None:
             rows["mem_inputs"].append(cap[msite.module_path][wi, pos].to(torch.float16).cpu().numpy())
         if store_lm_logprob:
-            logits = result.logits[wi, pos].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(target).to(logits.device)[:, None])[:, 0]
-            rows["lm_logprob"].append(lp.cpu().numpy().astype(np.float32))
+            rows["lm_logprob"].append(result[0][wi, pos])
+    if store_lm_logprob:  # log p_LM(value) of every row, rows_per_chunk rows at a time
+        with torch.inference_mode():
+            lp = result[1](torch.cat(rows["lm_logprob"]), torch.from_numpy(np.concatenate(rows["values"])))
+        rows["lm_logprob"] = [lp.cpu().numpy().astype(np.float32)]
     return rows
 
 
@@ -226,7 +248,8 @@ def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob
                desc=f"datastore {out.name}", disable=not progress, smoothing=0.05)
     try:
         for bi in range(start_batch, len(batches)):
-            rows = _batch_rows(lm, batches[bi], token_path, settings["token_start"], ksite, msite, store_lm_logprob)
+            rows = _batch_rows(lm, batches[bi], token_path, settings["token_start"], ksite, msite, store_lm_logprob,
+                               settings["bos_prefix"])
             first_row = batches[bi][0].first_target - 1
             for name, (fd, row_bytes) in files.items():
                 os.pwrite(fd, np.ascontiguousarray(np.concatenate(rows[name])).tobytes(), first_row * row_bytes)
@@ -257,8 +280,9 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
     out = Path(out_dir)
     settings, ksite, msite = _datastore_identity(lm, n_tokens, key_site, mem_site, block, stride, batch_size,
                                                  store_lm_logprob, identity, token_start)
-    # batch_size changes how a partial build resumes, not what a complete one holds
-    stage = Stage(out, settings, "datastore", ignore=("batch_size",))
+    # batch_size changes how a partial build resumes, not what a complete one holds; a manifest from
+    # before windows had a prefix was built with none
+    stage = Stage(out, settings, "datastore", ignore=("batch_size",), view=lambda m: {"bos_prefix": [], **m})
 
     manifest = run_stage(stage,
                          lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),

@@ -134,7 +134,14 @@ def _first_call_criterion(device: torch.device):
 
 
 def _ids_of(tokenizer, prompt: str, i: int) -> list[int]:
+    """The prompt tokenised with the tokenizer's defaults, its BOS (:func:`mlpmemory.models.bos_prefix`)
+    exactly once even when the text already starts with it (a chat template's ``{{ bos_token }}``)."""
+    from .models import bos_prefix
+
     ids = list(tokenizer(prompt).input_ids)
+    prefix = bos_prefix(tokenizer)
+    if prefix and ids[len(prefix):2 * len(prefix)] == prefix:
+        ids = ids[len(prefix):]
     if not ids:
         if tokenizer.bos_token_id is None:
             raise MLPMemError(f"prompt {i} is empty and the tokenizer has no BOS token; "
@@ -270,10 +277,11 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 def _score_batch(model, systems: dict, sites: dict, batch: list[tuple[list[int], list[int]]], pad: int, device) -> list:
     """Per pair of the batch: {"lm": ..., component: ...} log-probs of its continuation's tokens."""
     from .capture import capture_inputs
+    from .inference import lm_scoring_forward
 
     input_ids, mask = _right_padded([p + c for p, c in batch], pad)
-    with capture_inputs(model, list(sites.values())) as cap:
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    with capture_inputs(model, list(sites.values())) as cap:  # the LM head runs on the scored rows only
+        states, score = lm_scoring_forward(model, input_ids=input_ids.to(device), attention_mask=mask.to(device))
     # (row, position) of every scored token: position t predicts token t + 1.
     rows = [r for r, (_, c) in enumerate(batch) for _ in c]
     pos = [len(p) - 1 + j for p, c in batch for j in range(len(c))]
@@ -281,8 +289,7 @@ def _score_batch(model, systems: dict, sites: dict, batch: list[tuple[list[int],
         return [{name: np.zeros(0, np.float64) for name in ("lm", *systems)} for _ in batch]
     r_t, p_t = torch.tensor(rows, device=device), torch.tensor(pos, device=device)
     targets = input_ids.to(device)[r_t, p_t + 1]
-    comp = {"lm": torch.log_softmax(out.logits[r_t, p_t].float(), -1).gather(-1, targets[:, None])[:, 0]
-            .double().cpu().numpy()}
+    comp = {"lm": score(states[r_t, p_t], targets).double().cpu().numpy()}
     for key, system in systems.items():
         comp[key] = system.token_logprobs(cap[sites[key].module_path][r_t, p_t], targets)
     bounds = np.cumsum([0] + [len(c) for _, c in batch])

@@ -26,6 +26,11 @@ Why it is written this way:
   none of the k neighbours carries gets ``log p_kNN = -inf`` (true value), and mixing with any
   ``lam < 1`` stays finite. Only kNN-alone perplexity (``lam = 1``) can then be infinite, which
   is the honest answer.
+- **Vocabulary-sized buffers are sized by bytes.** Per-token scoring (eval, the datastore's
+  ``lm_logprob``, RAG, QA, generation scoring) goes through :func:`chunked_target_logprobs`, a
+  chunk of :func:`rows_per_chunk` rows at a time, and :func:`lm_scoring_forward` applies the LM head
+  only to the scored rows; prefill mixing runs in the same chunks. Memory grows with the bytes
+  budget, not with rows x vocabulary (a 262k vocabulary is 1 MiB per float32 row).
 """
 
 from __future__ import annotations
@@ -99,18 +104,126 @@ def memory_logprobs(memory: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def memory_token_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, targets) -> torch.Tensor:
-    """log p_MLP(target) (float32, (N,), on the memory's device) of N hidden states and their N targets."""
-    try:
-        q = memory_logprobs(memory, hidden)
-    except RuntimeError as err:
-        raise MLPMemError(f"the memory cannot read these inputs (width {hidden.shape[-1]}): "
-                          f"{str(err).splitlines()[0]}") from None
-    tgt = torch.as_tensor(targets, dtype=torch.int64).to(q.device)
-    if len(tgt) and q.shape[-1] <= int(tgt.max()):
-        raise MLPMemError(f"the memory predicts {q.shape[-1]} tokens but the text holds id {int(tgt.max())}; "
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-sized buffers, sized by bytes: per-token log-probs a chunk of rows at a time.
+# ---------------------------------------------------------------------------------------------
+
+LOGPROB_CHUNK_BYTES = 256 << 20  # float32 scratch per chunk: 682 rows of a 49k vocabulary, 128 of 262k
+
+
+def rows_per_chunk(vocab: int, bytes_budget: int | None = None) -> int:
+    """Rows whose float32 scratch in :func:`target_logprobs` (the float32 logits and their log-softmax,
+    8 bytes per vocabulary entry) fits in ``bytes_budget`` bytes (default :data:`LOGPROB_CHUNK_BYTES`,
+    read at call time); at least 1."""
+    budget = LOGPROB_CHUNK_BYTES if bytes_budget is None else bytes_budget
+    return max(1, int(budget) // (8 * max(1, int(vocab))))
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits.float())`` at ``targets`` (float32, (N,)) of (N, V) logits.
+
+    The log-softmax kernel itself, on the rows it is given: its result for a row does not depend on
+    the other rows, so scoring in chunks is bit for bit the unchunked result (a logsumexp-and-subtract
+    version saves one buffer but differs by float32 rounding, ~2e-5 at V = 262k, and would change
+    stored numbers). Callers bound N with :func:`rows_per_chunk`.
+    """
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(-1, targets[:, None].to(logp.device))[:, 0]
+
+
+def chunked_target_logprobs(logits_of, targets, vocab: int, bytes_budget: int | None = None) -> torch.Tensor:
+    """log p(targets[i]) (float32, (N,)) of N rows whose logits ``logits_of(start, stop)`` gives, in
+    chunks of :func:`rows_per_chunk` rows: no (N, V) buffer is ever built, whatever N and V are.
+
+    ``logits_of`` returns the (stop - start, V) logits of rows ``[start, stop)`` (any dtype); each
+    chunk goes through :func:`target_logprobs`. The result is on the logits' device.
+    """
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    step = rows_per_chunk(vocab, bytes_budget)
+    parts = [target_logprobs(logits_of(s, min(len(targets), s + step)), targets[s:s + step])
+             for s in range(0, len(targets), step)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=targets.device)
+
+
+def _output_size(memory: torch.nn.Module, probe) -> int:
+    """The number of logits ``memory`` gives per row (its config's ``vocab_size``, or one row's output)."""
+    vocab = getattr(getattr(memory, "config", None), "vocab_size", None)
+    return int(vocab) if vocab else int(probe(0, 1).shape[-1])
+
+
+def memory_token_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, targets,
+                          bytes_budget: int | None = None) -> torch.Tensor:
+    """log p_MLP(target) (float32, (N,), on the memory's device) of N hidden states and their N targets,
+    in chunks of :func:`rows_per_chunk` rows (no (N, V) buffer)."""
+    device, dtype = _module_device_dtype(memory, hidden.device)
+
+    def logits_of(s: int, e: int) -> torch.Tensor:
+        try:
+            return memory(hidden[s:e].to(device=device, dtype=dtype or hidden.dtype))
+        except RuntimeError as err:
+            raise MLPMemError(f"the memory cannot read these inputs (width {hidden.shape[-1]}): "
+                              f"{str(err).splitlines()[0]}") from None
+
+    tgt = torch.as_tensor(targets, dtype=torch.int64).to(device)
+    if not len(tgt):
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    vocab = _output_size(memory, logits_of)
+    if vocab <= int(tgt.max()):
+        raise MLPMemError(f"the memory predicts {vocab} tokens but the text holds id {int(tgt.max())}; "
                           "use a memory trained for this base LM")
-    return q.gather(-1, tgt[:, None])[:, 0]
+    return chunked_target_logprobs(logits_of, tgt, vocab, bytes_budget)
+
+
+# Causal LMs whose logits are exactly ``get_output_embeddings()(final hidden state)``, soft-capped by
+# ``final_logit_softcapping`` where the config has one (Gemma 2/3). Others (Cohere's logit_scale,
+# Granite's logits_scaling ...) are scored from the model's own logits.
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                              "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "olmo2",
+                              "smollm3"})
+
+
+def output_head(model):
+    """``hidden (N, d) -> logits (N, V)`` equal to the HF causal LM ``model``'s own logits, or None when
+    they cannot be reproduced from its output embeddings (then score :func:`lm_scored_logprobs`'s way)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = model.config
+    if (not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model
+            or getattr(cfg, "model_type", None) not in PLAIN_HEAD_TYPES):
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cap = getattr(text, "final_logit_softcapping", None)
+    if not cap:
+        return head
+
+    def capped(hidden: torch.Tensor) -> torch.Tensor:  # the op order of Gemma2/3ForCausalLM.forward
+        logits = head(hidden) / cap
+        return torch.tanh(logits) * cap
+
+    return capped
+
+
+def lm_scoring_forward(model, bytes_budget: int | None = None, **inputs):
+    """One forward of the HF causal LM ``model`` on ``inputs`` for per-token scoring: ``(states, score)``.
+
+    Where :func:`output_head` reproduces the model's logits, only the backbone runs and ``states`` are
+    its final hidden states (B, T, d), so no (B, T, V) logits exist; otherwise ``states`` are the
+    model's own logits (B, T, V). ``score(rows, targets)`` gives log p_LM(target) (float32, (N,)) of
+    N rows picked from ``states``, :func:`rows_per_chunk` rows at a time. Forward hooks on the
+    model's modules (captures) fire either way. ``inputs``: ``input_ids``, ``attention_mask`` ...; an
+    int ``logits_to_keep`` (n > 0: the last n positions) applies to ``states`` in both cases.
+    """
+    head = output_head(model)
+    if head is None:
+        logits = model(**inputs).logits
+        return logits, lambda x, t: chunked_target_logprobs(lambda s, e: x[s:e], t, x.shape[-1], bytes_budget)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    keep = int(inputs.pop("logits_to_keep", 0) or 0)
+    hidden = model.base_model(**inputs)[0]
+
+    def score(rows: torch.Tensor, targets) -> torch.Tensor:
+        return chunked_target_logprobs(lambda s, e: head(rows[s:e]), targets, vocab, bytes_budget)
+
+    return (hidden[:, -keep:] if keep else hidden), score
 
 
 def memory_dense_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, vocab: int, timer=None) -> torch.Tensor:
@@ -151,6 +264,26 @@ def resolve_input_site(model, spec):
                           "was built on another base LM, or pass input_site= explicitly") from None
 
 
+def _mix_rows(logits: torch.Tensor, hidden: torch.Tensor, component, lam: float, timer) -> torch.Tensor:
+    """Mixed log-probs (float32, (N, V)) of N rows of base logits and the component on their hidden
+    states, :func:`rows_per_chunk` rows at a time: one float32 (N, V) result, bounded scratch. A
+    decode step (N = batch) is one chunk, computed exactly as without chunking."""
+    n, vocab = logits.shape
+    step = rows_per_chunk(vocab)
+
+    def mix(s: int, e: int) -> torch.Tensor:
+        q = component(hidden[s:e], vocab, timer).to(logits.device)
+        with section(timer, "mixing"):
+            return mix_with_lm(logits[s:e], q, lam)
+
+    if n <= step:
+        return mix(0, n)
+    out = torch.empty(n, vocab, dtype=torch.float32, device=logits.device)
+    for s in range(0, n, step):
+        out[s:s + step] = mix(s, min(n, s + step))
+    return out
+
+
 @contextmanager
 def mixing_hook(model, site_spec, component, lam: float, timer=None):
     """While active, every forward of the HF causal LM ``model`` returns ``logits`` replaced by the
@@ -178,9 +311,7 @@ def mixing_hook(model, site_spec, component, lam: float, timer=None):
                               f"{hidden.shape[1]}")
         b, vocab = logits.shape[0], logits.shape[-1]
         h = hidden[:, hidden.shape[1] - n_pos:].reshape(b * n_pos, hidden.shape[-1])  # only where logits are wanted
-        q = component(h, vocab, timer).to(logits.device)
-        with section(timer, "mixing"):
-            mixed = mix_with_lm(logits, q.reshape(b, n_pos, vocab), lam)
+        mixed = _mix_rows(logits.reshape(b * n_pos, vocab), h, component, lam, timer).reshape(b, n_pos, vocab)
         if hasattr(output, "logits"):
             output.logits = mixed
             return output

@@ -10,10 +10,13 @@ Why it looks like this:
   final norm and an LM head d -> |V| without bias. Llama-like bases get RMSNorm + SwiGLU with the
   base's intermediate size; GPT-2-like bases get LayerNorm + a d -> 4d -> d tanh-GELU MLP; anything
   else gets LayerNorm + exact-GELU MLP ("generic").
-- **Head from the base's output embedding** (default ``head_init="embedding"``): it helped in our
-  calibration run (docs/method.md#measured-on-this-project). The base's final norm weight is copied
-  too, because the embedding was trained to read hidden states *after that norm*; the memory's
-  blocks then only have to learn where to move h, not a fresh vocabulary geometry.
+- **Head from the base's output embedding** (default ``head_init="embedding"``): it helped for
+  SmolLM2 (docs/method.md#measured-on-this-project), so the memory starts from the base's vocabulary
+  geometry. Whether the base's final-norm gain suits the memory's input depends on the family
+  (Gemma's (1 + w) gains average ~26), so nothing is trusted blindly: :func:`calibrate_final_norm`
+  picks the gain (copied or unit, times a scale) with the lowest cross-entropy on stored validation
+  rows, and the check (against uniform and the base LM's own cross-entropy) goes into the training
+  manifest.
 - **A sparse objective.** kNN targets are stored as CSR rows (~hundreds of non-zeros out of |V|).
   ``KL(p || q) = sum_{i in S} p_i (log p_i - log q_i)`` needs ``log q`` only at the target's ids, so
   :func:`sparse_kl` / :func:`memory_loss` never build a dense |V| target (the public code does, in a
@@ -41,6 +44,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +82,9 @@ class MLPMemoryConfig:
     input_site: dict = field(default_factory=dict)  # {"module": ..., "layer": ..., "n_layers": ...}
     lambda_default: float = 0.25  # interpolation weight of the memory at inference
     head_init: str = "embedding"  # "embedding" (copy the base's output embedding) or "random"
+    # The final norm's initial gain: {"source": "base" (copied) | "unit", "scale": s}, chosen on stored rows
+    # by calibrate_final_norm; {} = copied from the base as is (memories saved before the calibration).
+    init_norm: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -340,6 +347,72 @@ def build_memory(lm, config: MLPMemoryConfig) -> MLPMemory:
             if isinstance(bias, torch.Tensor) and own_bias is not None and bias.shape == own_bias.shape:
                 own_bias.copy_(bias.detach().float().cpu())
     return memory
+
+
+# Scales of the final norm's gain tried by calibrate_final_norm (logits are linear in it).
+CALIBRATION_SCALES = (2.0 ** -10, *(2.0 ** e for e in range(-6, 4)))  # 2**-10: next to uniform
+UNIFORM_TOLERANCE = 0.01  # nats: "not worse than uniform", up to the sample's noise
+
+
+def _unit_normed(memory: MLPMemory, x: torch.Tensor) -> torch.Tensor:
+    """The memory's final-norm input normalised, before the norm's own gain and bias (float32)."""
+    h = x.float()
+    for block in memory.blocks:
+        h = block(h)
+    if isinstance(memory.norm, RMSNorm):
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + memory.norm.eps)
+    return F.layer_norm(h, (h.shape[-1],), eps=memory.norm.eps)
+
+
+def _scaled_ce(memory, normed, targets, gain, bias, scales, chunk: int) -> list[float]:
+    """Mean cross-entropy of ``targets`` under head(s * (normed * gain + bias)) for every scale s."""
+    totals = [0.0] * len(scales)
+    weight = memory.lm_head.weight.float()
+    for s0 in range(0, len(normed), chunk):
+        z = (normed[s0:s0 + chunk] * gain + bias) @ weight.T
+        true = z.gather(-1, targets[s0:s0 + chunk, None])[:, 0]
+        for i, s in enumerate(scales):
+            totals[i] += float((torch.logsumexp(z * s, -1) - true * s).sum())
+    return [x / len(normed) for x in totals]
+
+
+@torch.no_grad()
+def calibrate_final_norm(memory: MLPMemory, inputs, targets, base_logprob=None, rows: int = 256) -> dict:
+    """Choose the final norm's initial gain on stored rows, so that no family starts badly.
+
+    The memory reads a hidden state from *inside* the base model, so whether the base's final-norm
+    gain fits it depends on the family (Gemma's (1 + w) gains average ~26: copied, the untrained
+    memory starts at cross-entropy ~95 where uniform is 12.5). Candidates: the copied gain (and bias)
+    and a unit gain, each times a scale in :data:`CALIBRATION_SCALES`; the one with the lowest
+    cross-entropy on ``rows`` evenly spaced rows (``inputs`` (N, d), ``targets`` (N,)) is set and
+    recorded in ``config.init_norm``. Returns the check: every candidate's cross-entropy, the
+    uniform one (log V) and, given ``base_logprob``, the base LM's own on the same rows.
+    """
+    idx = np.unique(np.linspace(0, len(targets) - 1, min(rows, len(targets))).astype(np.int64))
+    x = torch.from_numpy(np.asarray(inputs[idx], dtype=np.float32))
+    y = torch.from_numpy(np.asarray(targets[idx], dtype=np.int64))
+    normed = _unit_normed(memory, x)
+    norm = memory.norm
+    bias = norm.bias.detach().clone() if getattr(norm, "bias", None) is not None else torch.zeros_like(norm.weight)
+    sources = {"base": (norm.weight.detach().clone(), bias),
+               "unit": (torch.ones_like(norm.weight), torch.zeros_like(bias))}
+    chunk = max(1, (64 << 20) // (4 * memory.config.vocab_size))
+    ce = {name: _scaled_ce(memory, normed, y, g, b, CALIBRATION_SCALES, chunk) for name, (g, b) in sources.items()}
+    best = min(((name, i) for name in ce for i in range(len(CALIBRATION_SCALES))), key=lambda k: ce[k[0]][k[1]])
+    scale = CALIBRATION_SCALES[best[1]]
+    norm.weight.copy_(sources[best[0]][0] * scale)
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_(sources[best[0]][1] * scale)
+    memory.config.init_norm = {"source": best[0], "scale": scale}
+    check = {"rows": int(len(idx)), "uniform_ce": math.log(memory.config.vocab_size), "chosen": memory.config.init_norm,
+             "ce": ce[best[0]][best[1]], "ce_copied_as_is": ce["base"][CALIBRATION_SCALES.index(1.0)],
+             "candidates": {name: dict(zip(map(str, CALIBRATION_SCALES), v)) for name, v in ce.items()}}
+    if base_logprob is not None:
+        check["base_lm_ce"] = float(-np.mean(np.asarray(base_logprob, dtype=np.float64)[idx]))
+    if check["ce"] > check["uniform_ce"] + UNIFORM_TOLERANCE:
+        raise MLPMemError(f"the initial memory starts worse than uniform (cross-entropy {check['ce']:.2f} > "
+                          f"{check['uniform_ce']:.2f}) at every calibrated gain; use --head-init random")
+    return check
 
 
 def _rows(offsets: torch.Tensor, nnz: int) -> torch.Tensor:

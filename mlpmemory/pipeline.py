@@ -182,8 +182,28 @@ def training_datastore(run: Run):
     return ds
 
 
+def initial_memory(run: Run, mcfg, valid_inputs=None) -> tuple:
+    """A new memory for ``mcfg`` and its init check: with the base's head, the final norm's gain is
+    calibrated on the validation slice (``valid_inputs``: another site's states of those rows)."""
+    from .datastore import open_datastore
+    from .memory import build_memory, calibrate_final_norm
+
+    memory = build_memory(run.lm, mcfg)
+    if mcfg.head_init != "embedding":
+        return memory, None
+    tune = open_datastore(run.path(TUNE), "validation slice")
+    inputs = valid_inputs if valid_inputs is not None else tune.mem_inputs
+    if inputs is None:
+        raise MLPMemError(f"the validation slice {tune.path} stored no memory inputs; rebuild it")
+    check = calibrate_final_norm(memory, inputs, tune.values, tune.lm_logprob)
+    log(f"memory init: final-norm gain {check['chosen']['source']} x {check['chosen']['scale']:g}, cross-entropy "
+        f"{check['ce']:.2f} on {check['rows']} validation rows (uniform {check['uniform_ce']:.2f}, "
+        f"base LM {check.get('base_lm_ce', float('nan')):.2f}, copied as is {check['ce_copied_as_is']:.2f})")
+    return memory, check
+
+
 def stage_train(run: Run) -> dict:
-    from .memory import build_memory, memory_config_for
+    from .memory import memory_config_for
     from .targets import open_targets
     from .train import OnlineInputs, train_memory
 
@@ -198,12 +218,12 @@ def stage_train(run: Run) -> dict:
 
         torch.manual_seed(s.seed)
         mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
-        memory = build_memory(lm, mcfg)
+        memory, check = initial_memory(run, mcfg)
         inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if s.train_mode == "online" else None
         log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, "
             f"input {ds.manifest['mem_site']['module']}")
         return train_memory(memory, ds, targets, run.path(MEMORY), s, inputs=inputs, device=lm.device,
-                            identity={"datastore_fingerprint": sha256_json(ds.manifest)})
+                            identity={"datastore_fingerprint": sha256_json(ds.manifest)}, init_check=check)
     return run.timed(MEMORY, go)
 
 

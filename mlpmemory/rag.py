@@ -22,10 +22,12 @@ Why it is built this way:
   starting at token c0, the query is the last ``query_tokens`` (q) tokens before c0 inside the
   window, decoded to text; the top passage's tokens and one EOS (the stream's own document
   separator, so ``passage EOS text`` looks like any document boundary the LM saw) are put
-  before the context, and the chunk is scored. **Trimming:** the input is at most ``block``
-  tokens; the oldest context tokens go first, but the query's q tokens and the chunk always
-  stay, so a passage that does not fit in what is left is cut to its first tokens (never with
-  block 512, s = 32, q = 32, 256-token passages) and dropped when only the separator would fit.
+  before the context, after the tokenizer's BOS when it adds one (``BOS passage EOS context``,
+  as the base pass puts it before every window), and the chunk is scored. **Trimming:** the input
+  is at most ``block`` tokens after that BOS; the oldest context tokens go first, but the query's
+  q tokens and the chunk always stay, so a passage that does not fit in what is left is cut to its
+  first tokens (never with block 512, s = 32, q = 32, 256-token passages) and dropped when only
+  the separator would fit.
   With no passage a chunk sees exactly the base pass's context, so ``n_passages=0`` reproduces
   the base log-probs. Passages with BM25 score 0 (no query word in common) are not used.
 - **Batched, left-padded.** Chunk inputs are sorted by length and batched; shorter rows are
@@ -225,9 +227,10 @@ def _retrieve_for_chunks(retriever, tok, tokens, chunks, query_tokens: int, n_pa
     return passages
 
 
-def _chunk_inputs(tok, tokens, chunks, passages, sep: list[int], block: int, query_tokens: int, st: dict) -> list:
-    """One input per chunk: [passages + separators] + context, the chunk's targets at its tail;
-    items ``(input ids, out offset, n targets)``."""
+def _chunk_inputs(tok, tokens, chunks, passages, sep: list[int], block: int, query_tokens: int, st: dict,
+                  bos: list[int]) -> list:
+    """One input per chunk: ``bos`` (the tokenizer's prefix, as in the base pass) + [passages + separators] +
+    context, the chunk's targets at its tail; items ``(input ids, out offset, n targets)``."""
     ids_of: dict[str, list[int]] = {}
     items = []
     for (wb, c0, c1), found in zip(chunks, passages):
@@ -241,7 +244,7 @@ def _chunk_inputs(tok, tokens, chunks, passages, sep: list[int], block: int, que
             prefix = prefix[:room - len(sep)] + sep if room > len(sep) else []
         st["chunks_with_passage"] += bool(prefix)
         b = max(wb, c1 - 1 - (block - len(prefix)))
-        items.append((prefix + tokens[b:c1 - 1].tolist(), c0 - 1, c1 - c0))
+        items.append((bos + prefix + tokens[b:c1 - 1].tolist(), c0 - 1, c1 - c0))
     return items
 
 
@@ -249,6 +252,8 @@ def _score_chunk_batch(lm, items: list, batch: list[int], tokens, pad: int, keep
     """One forward of a batch of chunk inputs, left-padded so every chunk is its row's tail (only the
     chunks' logits are materialised); writes their log-probs into ``out``, returns the tokens scored."""
     import torch
+
+    from .inference import lm_scoring_forward
 
     width = max(items[i][2] for i in batch)
     length = max(len(items[i][0]) for i in batch)
@@ -260,12 +265,12 @@ def _score_chunk_batch(lm, items: list, batch: list[int], tokens, pad: int, keep
     kw = {"logits_to_keep": width} if keep else {}
     if not bool(mask.all()):  # padded rows: mask the pads and start positions at each row's first token
         kw.update(attention_mask=mask.to(lm.device), position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(lm.device))
-    logits = lm.model(input_ids=ids.to(lm.device), use_cache=False, **kw).logits[:, -width:].float()
-    for r, i in enumerate(batch):
-        _, off, m = items[i]
-        tgt = torch.from_numpy(tokens[off + 1:off + 1 + m]).to(logits.device)
-        lp = torch.log_softmax(logits[r, width - m:], -1).gather(-1, tgt[:, None])[:, 0]
-        out[off:off + m] = lp.cpu().numpy()
+    states, score = lm_scoring_forward(lm.model, input_ids=ids.to(lm.device), use_cache=False, **kw)
+    scored = [(r, *items[i][1:]) for r, i in enumerate(batch)]  # (row, out offset, n targets)
+    lp = score(torch.cat([states[r, states.shape[1] - m:] for r, _, m in scored]),
+               torch.from_numpy(np.concatenate([tokens[off + 1:off + 1 + m] for _, off, m in scored]))).cpu().numpy()
+    for (_, off, m), s in zip(scored, np.cumsum([0] + [m for _, _, m in scored])):
+        out[off:off + m] = lp[s:s + m]
     return sum(items[i][2] for i in batch)
 
 
@@ -283,6 +288,7 @@ def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block
     from tqdm.auto import tqdm
 
     from .datastore import read_tokens
+    from .models import bos_prefix
 
     if retrieve_every < 1 or query_tokens < 1 or n_passages < 0 or batch_size < 1:
         raise MLPMemError(f"retrieve_every and query_tokens must be >= 1, n_passages >= 0 and batch_size >= 1, got "
@@ -293,7 +299,7 @@ def ralm_logprobs(lm, retriever, token_path, start: int, n_tokens: int, *, block
     sep = [tok.eos_token_id] if tok.eos_token_id is not None else tok("\n\n", add_special_tokens=False)["input_ids"]
     st = {"retrieval_seconds": 0.0, "forward_seconds": 0.0, "retrievals": 0, "chunks_with_passage": 0, "forwards": 0}
     passages = _retrieve_for_chunks(retriever, tok, tokens, chunks, query_tokens, n_passages, progress, st)
-    items = _chunk_inputs(tok, tokens, chunks, passages, sep, block, query_tokens, st)
+    items = _chunk_inputs(tok, tokens, chunks, passages, sep, block, query_tokens, st, bos_prefix(tok))
     # Forwards in batches of similar length.
     keep = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
     pad = tok.pad_token_id if tok.pad_token_id is not None else sep[0]

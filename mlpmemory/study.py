@@ -90,26 +90,27 @@ class Study:
         """Train one memory into ``out`` (or reuse the run's identical one); its folder and training manifest."""
         import torch
 
-        from .memory import build_memory
+        from .pipeline import initial_memory
         from .train import OnlineInputs, train_memory, training_fingerprint
 
         run, settings = self.run, settings or self.run.cfg.train
         identity = {"datastore_fingerprint": sha256_json(self.ds.manifest)}
         if inputs is not None:
             identity.update(input_source=inputs.origin, input_fingerprint=inputs.fingerprint)
-        fp = training_fingerprint(settings, mcfg, self.targets, identity)
+        torch.manual_seed(settings.seed)  # as the pipeline does before building the memory
+        memory, check = initial_memory(run, mcfg, inputs.valid if inputs is not None else None)
+        fp = training_fingerprint(settings, memory.config, self.targets, identity)  # with the calibrated init
         for folder in ([run.path("memory")] if not snapshots else []) + [Path(out)]:
             if is_complete(folder) and read_json(folder / "manifest.json").get("training_fingerprint") == fp:
                 same = "= the run's own memory" if folder == run.path("memory") else "already trained"
                 log(f"study: {mcfg.n_blocks} blocks {same} ({folder}), reused")
                 return folder, read_json(folder / "manifest.json")
-        torch.manual_seed(settings.seed)  # as the pipeline does before building the memory
-        memory = build_memory(run.lm, mcfg)
         log(f"study: training {mcfg.n_blocks} blocks ({memory.num_parameters():,} parameters) into {out}")
         if inputs is None and settings.train_mode == "online":
             inputs = OnlineInputs(run.lm, self.ds, run.path("corpus") / "train.i32")
         return Path(out), train_memory(memory, self.ds, self.targets, out, settings, inputs=inputs,
-                                       device=run.lm.device, identity=identity, snapshots=snapshots)
+                                       device=run.lm.device, identity=identity, snapshots=snapshots,
+                                       init_check=check)
 
     def memory_logprobs(self, cache: Path, name: str, memory_dir: Path, inputs: Inputs | None = None) -> dict:
         """``{"valid", "test"}``: log p_MLP(true token) (float64) of the memory in ``memory_dir``, cached."""

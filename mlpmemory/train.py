@@ -121,6 +121,7 @@ class OnlineInputs:
         if m.get("mem_site") is None:
             raise MLPMemError("the datastore records no memory-input site; rebuild it with --mem-site")
         self.lm, self.token_path, self.start = lm, token_path, int(m.get("token_start", 0))
+        self.prefix = list(m.get("bos_prefix", []))  # what the datastore put before every window
         self.site = resolve_site(lm.model, m["mem_site"]["module"])
         self.windows = sliding_windows(int(m["n_tokens"]), int(m["block"]), int(m["stride"]))
         # row r (target position r+1) lives in the window whose scored range holds r+1
@@ -128,20 +129,18 @@ class OnlineInputs:
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
         from .capture import capture_inputs, run_captured
-        from .datastore import read_tokens
+        from .datastore import window_ids
 
         win_of = np.searchsorted(self.first_rows, rows, side="right") - 1
         needed = np.unique(win_of)
-        ids = np.stack([read_tokens(self.token_path, self.start + self.windows[w].begin,
-                                    self.start + self.windows[w].end)
-                        for w in needed]).astype(np.int64)
+        ids = window_ids(self.token_path, self.start, [self.windows[w] for w in needed], self.prefix)
         with torch.inference_mode(), capture_inputs(self.lm.model, [self.site], stop_early=True) as cap:
             run_captured(self.lm.model.base_model, input_ids=torch.from_numpy(ids).to(self.lm.device), use_cache=False)
         states = cap[self.site.module_path].to(torch.float16).float().cpu()
         slot = {w: i for i, w in enumerate(needed)}
         out = torch.empty(len(rows), states.shape[-1])
         for j, (r, w) in enumerate(zip(rows, win_of)):
-            out[j] = states[slot[w], r - self.windows[w].begin]  # hidden state at position r (predicts r+1)
+            out[j] = states[slot[w], r - self.windows[w].begin + len(self.prefix)]  # position r (predicts r+1)
         return out
 
 
@@ -312,7 +311,7 @@ def _train_loop(memory, optimizer, inputs, targets, plan: dict, state: dict, s: 
 
 
 def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, device, progress: bool,
-           identity: dict | None, stop_after_steps: int | None, snapshots) -> dict | None:
+           identity: dict | None, stop_after_steps: int | None, snapshots, init_check: dict | None) -> dict | None:
     """Train (or resume) and save the memory; returns the manifest fields, or None when stopped early."""
     out, fingerprint = stage.dir, stage.identity["training_fingerprint"]
     inputs = inputs or OfflineInputs(datastore)
@@ -343,13 +342,15 @@ def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, d
         "log": state["log"],
         "snapshots": [{**x, "dir": str(snapshot_dir(out, x["step"]).relative_to(out))}
                       for x in state.get("snapshots", [])],
+        "init_check": init_check,
         **(identity or {}),
     }
 
 
 def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, settings: TrainSettings, *,
                  inputs=None, device: torch.device | str = "cpu", progress: bool = True,
-                 identity: dict | None = None, stop_after_steps: int | None = None, snapshots=()) -> dict:
+                 identity: dict | None = None, stop_after_steps: int | None = None, snapshots=(),
+                 init_check: dict | None = None) -> dict:
     """Train ``memory`` on (datastore inputs, kNN targets); save it to ``out_dir``; return its manifest.
 
     Re-running a finished training with the same settings is a no-op; with other settings it is
@@ -358,6 +359,8 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     ``snapshots``: fractions of the training (e.g. ``(0.25, 0.5)``) after which the weights are
     saved to ``out_dir/snapshots/step_<n>/`` (a loadable memory) with their validation loss; the
     manifest lists them under ``"snapshots"``. They do not change the training or its fingerprint.
+    ``init_check``: how the initial memory was checked (:func:`mlpmemory.memory.calibrate_final_norm`),
+    recorded in the manifest.
     """
     s = settings
     if not 0.0 <= s.alpha <= 1.0:
@@ -367,7 +370,7 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     fingerprint = training_fingerprint(s, memory.config, targets, identity)
     stage = Stage(out_dir, {"training_fingerprint": fingerprint}, "memory", on_mismatch="rebuild")
     manifest = run_stage(stage, lambda: _train(memory, datastore, targets, stage, s, inputs, torch.device(device),
-                                               progress, identity, stop_after_steps, snapshots))
+                                               progress, identity, stop_after_steps, snapshots, init_check))
     if manifest:  # the checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run
         shutil.rmtree(stage.dir / CHECKPOINT, ignore_errors=True)
     return manifest

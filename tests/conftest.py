@@ -27,6 +27,17 @@ def tiny_llama(tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bos_tokenizer(tmp_path_factory):
+    """The tiny tokenizer with a ``<bos>`` it puts before every text by default (as Gemma's does)."""
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tiny_bos_tokenizer"), bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bos(tiny_bos_tokenizer, tmp_path_factory):
+    return make_tiny_model("llama", tiny_bos_tokenizer, save_to=tmp_path_factory.mktemp("tiny_llama_bos"))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(tiny_tokenizer, tmp_path_factory):
     return make_tiny_model("gpt2", tiny_tokenizer, save_to=tmp_path_factory.mktemp("tiny_gpt2"))
 

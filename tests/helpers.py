@@ -38,18 +38,27 @@ def tiny_run_args(run_dir, model_path, corpus, *extra) -> list[str]:
             "--heldout-fraction", "0.3", "--k", "8", *extra]
 
 
-def make_tiny_tokenizer(path) -> PreTrainedTokenizerFast:  # noqa: F821
-    """A byte-level BPE tokenizer (vocab ~300) trained on synthetic text, saved to `path`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tiny_tokenizer(path, bos: bool = False) -> PreTrainedTokenizerFast:  # noqa: F821
+    """A byte-level BPE tokenizer (vocab ~300) trained on synthetic text, saved to `path`.
+
+    ``bos``: it also has a ``<bos>`` token that it puts before every text by default (a
+    TemplateProcessing post-processor), as Llama-3's and Gemma's tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
+    specials = ["<|endoftext|>", "<pad>"] + (["<bos>"] if bos else [])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([synthetic_text(2000, s) for s in range(5)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B:1",
+                                                           special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   **({"bos_token": "<bos>"} if bos else {}))
     fast.save_pretrained(str(path))
     return fast
 
@@ -63,11 +72,12 @@ def make_tiny_model(kind: str, tokenizer, seed: int = 0, save_to=None):
 
     torch.manual_seed(seed)
     vocab = len(tokenizer)
+    bos = tokenizer.eos_token_id if tokenizer.bos_token_id is None else tokenizer.bos_token_id
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+                          bos_token_id=bos, tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
     elif kind == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=256,

@@ -137,3 +137,30 @@ def test_memory_input_at_the_key_site_is_stored_once(tiny_llama, tmp_path):
     assert "mem_inputs" not in m["arrays"] and not (tmp_path / "ds" / "mem_inputs.f16").exists()
     ds = open_datastore(tmp_path / "ds")
     assert ds.mem_inputs is ds.keys and m["mem_site"] == m["key_site"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_stored_lm_logprob_equals_the_models_log_softmax(family, tiny_llama, tiny_gpt2, tmp_path, monkeypatch):
+    """lm_logprob = log_softmax(model(window).logits) at the targets, with the head applied to scored rows
+    only, a few rows at a time: no (rows, V) buffer beyond the byte budget."""
+    import mlpmemory.inference as inf
+
+    lm = tiny_llama if family == "llama" else tiny_gpt2
+    vocab = lm.model.config.vocab_size
+    shapes, real = [], inf.target_logprobs
+    monkeypatch.setattr(inf, "LOGPROB_CHUNK_BYTES", 8 * vocab * 5)  # 5 rows per chunk
+    monkeypatch.setattr(inf, "target_logprobs", lambda x, t: (shapes.append(tuple(x.shape)), real(x, t))[1])
+    tok_path = write_tokens(tmp_path / "t.i32", 150)
+    tokens = np.fromfile(tok_path, dtype=np.int32)
+    build_datastore(lm, tok_path, len(tokens), tmp_path / "ds", key_site="last", mem_site=None, block=32, stride=12,
+                    batch_size=3, store_lm_logprob=True, progress=False)
+    ds = open_datastore(tmp_path / "ds")
+    want = []
+    for w in sliding_windows(len(tokens), 32, 12):
+        ids = torch.tensor(tokens[w.begin:w.end], dtype=torch.long)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(ids).logits[0], -1)
+        want += [logp[j - 1 - w.begin, tokens[j]].item() for j in range(w.first_target, w.end)]
+    np.testing.assert_allclose(ds.lm_logprob, want, rtol=0, atol=1e-5)
+    assert shapes and max(s[0] for s in shapes) == 5 and {s[1] for s in shapes} == {vocab}
+    assert sum(s[0] for s in shapes) == ds.n

@@ -191,3 +191,107 @@ def test_with_the_real_mlp_memory(tiny_llama, tmp_path):
         handle.remove()
         q = torch.log_softmax(mem(seen["x"]).float(), -1)
         torch.testing.assert_close(aug(ids), torch.log(0.6 * base.exp() + 0.4 * q.exp()), rtol=1e-5, atol=1e-5)
+
+
+# --- vocabulary-sized buffers, bounded by bytes (issue 16) ---------------------------------------
+
+def _record_chunks(monkeypatch, budget: int) -> list:
+    """A small byte budget, and the (rows, V) shape of every chunk scored, recorded."""
+    import mlpmemory.inference as inf
+
+    shapes, real = [], inf.target_logprobs
+    monkeypatch.setattr(inf, "LOGPROB_CHUNK_BYTES", budget)
+    monkeypatch.setattr(inf, "target_logprobs", lambda x, t: (shapes.append(tuple(x.shape)), real(x, t))[1])
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 1000, 50_000])
+def test_chunked_target_logprobs_equal_log_softmax(dtype, vocab):
+    from mlpmemory.inference import chunked_target_logprobs, rows_per_chunk
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(37, vocab, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (37,), generator=g)
+    want = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    for budget in (1, 8 * vocab * 5, 8 * vocab * 36, 1 << 30):  # 1 row, 5 rows, 36 rows, all rows per chunk
+        got = chunked_target_logprobs(lambda s, e: logits[s:e], targets, vocab, budget)
+        assert got.dtype == torch.float32 and got.shape == (37,)
+        assert float((got - want).abs().max()) < 1e-5
+        assert torch.equal(got, want)  # the chunking never changes a bit
+    assert rows_per_chunk(262_144) == 128 and rows_per_chunk(49_152) == 682 and rows_per_chunk(10**9, 1) == 1
+    assert chunked_target_logprobs(lambda s, e: logits[s:e], targets[:0], vocab).shape == (0,)
+
+
+def test_chunk_size_bounds_the_vocabulary_buffers(monkeypatch):
+    from mlpmemory.inference import memory_token_logprobs, rows_per_chunk
+
+    torch.manual_seed(0)
+    memory = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 300)).eval()
+    hidden, targets = torch.randn(50, 16), torch.randint(0, 300, (50,))
+    with torch.no_grad():
+        want = torch.log_softmax(memory(hidden), -1).gather(-1, targets[:, None])[:, 0]
+        shapes = _record_chunks(monkeypatch, 8 * 300 * 6)  # 6 rows per chunk
+        got = memory_token_logprobs(memory, hidden, targets)
+    assert rows_per_chunk(300) == 6
+    assert shapes == [(6, 300)] * 8 + [(2, 300)]  # (no config.vocab_size: probed on one row, not scored)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def _tiny_family(kind: str, vocab: int = 300):
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, final_logit_softcapping=2.0)
+    cfg = {"gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig}[kind](**common)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gemma3_text", "fallback"])
+def test_lm_scoring_forward_equals_the_models_own_logits(family, tiny_llama, tiny_gpt2, monkeypatch):
+    import mlpmemory.inference as inf
+
+    model = {"llama": tiny_llama.model, "gpt2": tiny_gpt2.model, "fallback": tiny_llama.model}.get(family)
+    model = model if model is not None else _tiny_family(family)
+    if family == "fallback":  # a family whose head cannot be reproduced: the model's own logits are scored
+        monkeypatch.setattr(inf, "PLAIN_HEAD_TYPES", frozenset())
+    assert (inf.output_head(model) is None) == (family == "fallback")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 20), generator=g)
+    rows, pos = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 5, 18, 3, 4, 10])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        want = torch.log_softmax(logits.float(), -1)[rows, pos, ids[rows, pos + 1]]
+        shapes = _record_chunks(monkeypatch, 8 * model.config.vocab_size * 4)
+        states, score = inf.lm_scoring_forward(model, input_ids=ids)
+        got = score(states[rows, pos], ids[rows, pos + 1])
+        kept, _ = inf.lm_scoring_forward(model, input_ids=ids, logits_to_keep=4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert shapes == [(4, model.config.vocab_size), (2, model.config.vocab_size)]
+    assert kept.shape[:2] == (3, 4)
+    torch.testing.assert_close(kept, states[:, -4:], rtol=0, atol=1e-6)
+    if family.startswith("gemma"):  # the soft-cap is applied: no logit beyond it
+        assert float(logits.abs().max()) <= 2.0
+
+
+def test_prefill_mixing_in_chunks_equals_the_dense_mixture(tiny_llama, monkeypatch):
+    from mlpmemory.inference import MemoryAugmentedLM, memory_dense_logprobs, mixing_hook
+
+    torch.manual_seed(0)
+    d, vocab = tiny_llama.model.config.hidden_size, tiny_llama.model.config.vocab_size
+    memory = torch.nn.Sequential(torch.nn.Linear(d, vocab)).eval()
+    ids = torch.randint(0, vocab, (2, 15))
+    with torch.no_grad():
+        want = MemoryAugmentedLM(tiny_llama.model, memory, lam=0.3, input_site="model.layers.2.mlp")(ids)
+        seen = []
+
+        def component(h, v, timer):
+            seen.append(h.shape[0])
+            return memory_dense_logprobs(memory, h, v, timer)
+
+        monkeypatch.setattr("mlpmemory.inference.LOGPROB_CHUNK_BYTES", 8 * vocab * 7)
+        with mixing_hook(tiny_llama.model, "model.layers.2.mlp", component, 0.3):
+            got = tiny_llama.model(input_ids=ids).logits
+    assert seen == [7, 7, 7, 7, 2]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -327,3 +327,43 @@ def test_parity_preset_reproduces_the_papers_gpt2_memories():
         lm = LoadedModel(model, None, f"gpt2-{d}", "", "fp", "tok", torch.device("cpu"), torch.float32)
         config = memory_config_for(lm, "last", preset="parity")
         assert (config.family, config.intermediate_size, config.n_blocks) == ("gpt2", 4 * d, blocks)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_final_norm_calibration_is_the_best_candidate_and_never_worse_than_uniform(kind, tiny_llama, tiny_gpt2):
+    """Oracle: each candidate's cross-entropy recomputed through the memory's own forward; a Gemma-like
+    inflated gain (~26) is not kept; the chosen init is recorded in the config."""
+    import math
+
+    import numpy as np
+
+    from mlpmemory.capture import capture_inputs, resolve_site
+    from mlpmemory.memory import CALIBRATION_SCALES, calibrate_final_norm
+
+    lm = {"llama": tiny_llama, "gpt2": tiny_gpt2}[kind]
+    site = resolve_site(lm.model, "last")
+    ids = torch.randint(0, lm.model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture_inputs(lm.model, [site]) as cap:
+        logits = lm.model(input_ids=ids).logits
+    x = cap[site.module_path][:, :-1].reshape(-1, cap[site.module_path].shape[-1]).float().numpy()
+    y = ids[:, 1:].reshape(-1).numpy()
+    base_lp = torch.log_softmax(logits[:, :-1].float(), -1).reshape(-1, logits.shape[-1])[np.arange(len(y)), y]
+    torch.manual_seed(0)
+    memory = build_memory(lm, memory_config_for(lm, site, preset="tiny"))
+    with torch.no_grad():
+        memory.norm.weight.mul_(26.0)  # like Gemma's (1 + w) final-norm gains
+    check = calibrate_final_norm(memory, x, y, base_lp.numpy(), rows=64)
+
+    def ce(mem) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(mem(torch.from_numpy(x[check_rows])).float(), -1)
+        return float(-lp[np.arange(len(check_rows)), torch.from_numpy(y[check_rows])].mean())
+
+    check_rows = np.unique(np.linspace(0, len(y) - 1, 64).astype(np.int64))
+    assert ce(memory) == pytest.approx(check["ce"], rel=1e-4)  # the memory holds the chosen init
+    assert check["ce"] <= min(min(v.values()) for v in check["candidates"].values()) + 1e-9
+    assert check["ce"] <= check["uniform_ce"] + 0.01
+    assert check["uniform_ce"] == pytest.approx(math.log(lm.model.config.vocab_size))
+    assert check["ce"] <= check["ce_copied_as_is"] and check["rows"] == len(check_rows)
+    assert memory.config.init_norm == check["chosen"] and check["chosen"]["scale"] in CALIBRATION_SCALES
+    assert math.isfinite(check["base_lm_ce"])

@@ -205,8 +205,12 @@ class Bench:
     """The LM, the prompts, and the timed prefill / decode loops shared by every system."""
 
     def __init__(self, lm, prompt_ids: torch.Tensor, rag_n: int):
+        from ..models import bos_prefix
+
         self.lm, self.model, self.device = lm, lm.model, lm.device
-        self.ids = prompt_ids.to(self.device)
+        self.prefix = bos_prefix(lm.tokenizer)  # every prompt starts with it, as the windows of eval-ppl do
+        head = torch.tensor(self.prefix, dtype=prompt_ids.dtype).expand(len(prompt_ids), -1)
+        self.ids = torch.cat([head, prompt_ids], 1).to(self.device)
         self.texts = [lm.tokenizer.decode(row) for row in prompt_ids.tolist()]
         self.rag_n = rag_n
         self.pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
@@ -230,9 +234,9 @@ class Bench:
         with timer.section("retrieval"):
             prompts, _ = entry.system.transform_prompts([self.texts[r] for r in rows])
             seqs = [self.lm.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-            limit = self.max_pos - room
+            limit = self.max_pos - room - len(self.prefix)
             self.rag_truncated += sum(len(s) > limit for s in seqs)
-            seqs = [s[-limit:] for s in seqs]  # over the model's window: drop the oldest passage text
+            seqs = [self.prefix + s[-limit:] for s in seqs]  # over the model's window: drop the oldest passage text
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
