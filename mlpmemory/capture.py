@@ -128,13 +128,14 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
     captured: dict[str, torch.Tensor] = {}
     remaining = {s.module_path for s in sites}
     handles = []
-    lead: list[torch.Size] = []  # (batch, seq) of the current forward, to unflatten a (batch * seq, d) input
+    lead: dict[str, torch.Size] = {}  # site -> (batch, seq) its parent (the layer) was called with
 
-    def root_hook(module, args, kwargs):
-        ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        lead[:] = [ids.shape[:2]] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else (
-            [embeds.shape[:2]] if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else [])
+    def make_parent_hook(path: str):
+        def hook(module, args, kwargs):
+            h = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            if isinstance(h, torch.Tensor) and h.dim() == 3:
+                lead[path] = h.shape[:2]
+        return hook
 
     def make_hook(path: str):
         def hook(module, args, kwargs):
@@ -142,16 +143,18 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
             if x is None:
                 raise MLPMemError(f"could not read the input of {path}: "
                                   "the module was called without a tensor argument")
-            if x.dim() == 2 and lead and x.shape[0] == lead[0].numel():
-                x = x.view(*lead[0], x.shape[-1])
+            if x.dim() == 2 and path in lead and x.shape[0] == lead[path].numel():
+                x = x.view(*lead[path], x.shape[-1])  # flattened by the layer (OPT's fc1): back to (batch, seq, d)
             captured[path] = x.detach()
             if stop_early and remaining.issubset(captured.keys()):
                 raise _StopForward
         return hook
 
-    handles.append(model.register_forward_pre_hook(root_hook, with_kwargs=True))
     for s in sites:
         module = _get(model, s.module_path)
+        parent = _get(model, s.module_path.rpartition(".")[0]) if "." in s.module_path else None
+        if isinstance(parent, torch.nn.Module):
+            handles.append(parent.register_forward_pre_hook(make_parent_hook(s.module_path), with_kwargs=True))
         handles.append(module.register_forward_pre_hook(make_hook(s.module_path), with_kwargs=True))
     try:
         yield captured

@@ -50,7 +50,7 @@ MEM_FILE, MEM_META = "mem_logprob.f32", "mem_logprob.json"
 KNN_META = "knn_logprob.json"
 # Fields two eval dirs must share for their perplexities to be comparable.
 MATCH_FIELDS = ("model_fingerprint", "tokenizer_fingerprint", "dtype", "block", "stride", "key_site", "mem_site",
-                "dim", "mem_dim")
+                "dim", "mem_dim", "bos_prefix")
 
 
 def knn_file(temperature: float) -> str:

@@ -161,7 +161,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _finish_row(gen: list[int], tokenizer, eos: set[int], pad: int, stops: list[str]) -> tuple[list[int], str]:
     """Generated ids up to EOS / the token completing a stop string, and the text cut before the stop."""
     end = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
-    if end == len(gen) and pad not in eos:  # HF fills finished rows with pad: drop them
+    if end == len(gen) and stops and pad not in eos:  # HF fills rows its stop strings finished with pad: drop them
         while end and gen[end - 1] == pad:
             end -= 1
     if stops:  # the first prefix whose text holds a stop string is where HF's StopStringCriteria fired

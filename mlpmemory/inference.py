@@ -29,7 +29,7 @@ Why it is written this way:
 - **Vocabulary-sized buffers are sized by bytes.** Per-token scoring (eval, the datastore's
   ``lm_logprob``, RAG, QA, generation scoring) goes through :func:`chunked_target_logprobs`, a
   chunk of :func:`rows_per_chunk` rows at a time, and :func:`lm_scoring_forward` applies the LM head
-  only to the scored rows; prefill mixing runs in the same chunks. Memory grows with the bytes
+  only to the scored rows; prefill mixing runs in chunks of the same budget. Memory grows with the bytes
   budget, not with rows x vocabulary (a 262k vocabulary is 1 MiB per float32 row).
 """
 
@@ -145,33 +145,68 @@ def chunked_target_logprobs(logits_of, targets, vocab: int, bytes_budget: int | 
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=targets.device)
 
 
-def _output_size(memory: torch.nn.Module, probe) -> int:
-    """The number of logits ``memory`` gives per row (its config's ``vocab_size``, or one row's output)."""
-    vocab = getattr(getattr(memory, "config", None), "vocab_size", None)
-    return int(vocab) if vocab else int(probe(0, 1).shape[-1])
+def head_target_logprobs(head, rows: torch.Tensor, targets, vocab: int, bytes_budget: int | None = None,
+                         forward_rows: int = 0) -> torch.Tensor:
+    """:func:`chunked_target_logprobs` of ``head(rows)`` (``rows``: (N, d) inputs of an output head).
+
+    Every head matmul sees the same row count, ``min(rows_per_chunk, max(N, forward_rows))``, the
+    last chunk zero-padded (the padding's logits are dropped): ``forward_rows`` is how many rows the
+    model's own forward would have given its head. CPU GEMM kernels are chosen by row count, and
+    bf16 logits from another kernel can differ by one unit in the last place; measured on SmolLM2
+    in bf16, 682-row chunks give bit for bit the logits of whole-window forwards (4,096 rows), while
+    a 257-row tail chunk changed 11 of 4,095 stored log-probs and QA scoring on its ~290 scored rows
+    changed 40 of 873 (a padded 682-row chunk: none).
+    """
+    step = min(rows_per_chunk(vocab, bytes_budget), max(len(rows), int(forward_rows)))
+
+    def logits_of(s: int, e: int) -> torch.Tensor:
+        x = rows[s:e]
+        if e - s < step:
+            x = torch.cat([x, x.new_zeros(step - (e - s), *x.shape[1:])])
+        return head(x)[:e - s]
+
+    return chunked_target_logprobs(logits_of, targets, vocab, bytes_budget)
+
+
+def _memory_head(memory: torch.nn.Module, hidden: torch.Tensor):
+    """``(rows, head, vocab)``: ``memory(hidden)`` is ``head(rows)``, in the memory's device and dtype.
+
+    An :class:`mlpmemory.memory.MLPMemory` (``hidden_forward`` + ``lm_head``) runs its blocks on all N
+    rows at once, exactly as ``memory(hidden)`` does (their matmuls see the same row count, so the
+    same kernels and bits), and only the head per chunk; any other module runs per chunk.
+    """
+    device, dtype = _module_device_dtype(memory, hidden.device)
+    trunk, head = getattr(memory, "hidden_forward", None), getattr(memory, "lm_head", None)
+    try:
+        x = hidden.to(device=device, dtype=dtype or hidden.dtype)
+        if callable(trunk) and isinstance(head, torch.nn.Linear):
+            return trunk(x), head, head.out_features
+        vocab = getattr(getattr(memory, "config", None), "vocab_size", None) or memory(x[:1]).shape[-1]
+    except RuntimeError as err:
+        raise _unreadable(hidden, err) from None
+    return x, memory, int(vocab)
+
+
+def _unreadable(hidden: torch.Tensor, err: RuntimeError) -> MLPMemError:
+    return MLPMemError(f"the memory cannot read these inputs (width {hidden.shape[-1]}): {str(err).splitlines()[0]}")
 
 
 def memory_token_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, targets,
                           bytes_budget: int | None = None) -> torch.Tensor:
     """log p_MLP(target) (float32, (N,), on the memory's device) of N hidden states and their N targets,
-    in chunks of :func:`rows_per_chunk` rows (no (N, V) buffer)."""
-    device, dtype = _module_device_dtype(memory, hidden.device)
-
-    def logits_of(s: int, e: int) -> torch.Tensor:
-        try:
-            return memory(hidden[s:e].to(device=device, dtype=dtype or hidden.dtype))
-        except RuntimeError as err:
-            raise MLPMemError(f"the memory cannot read these inputs (width {hidden.shape[-1]}): "
-                              f"{str(err).splitlines()[0]}") from None
-
+    the vocabulary-sized work in chunks of :func:`rows_per_chunk` rows (no (N, V) buffer)."""
+    device, _ = _module_device_dtype(memory, hidden.device)
     tgt = torch.as_tensor(targets, dtype=torch.int64).to(device)
     if not len(tgt):
         return torch.zeros(0, dtype=torch.float32, device=device)
-    vocab = _output_size(memory, logits_of)
+    rows, head, vocab = _memory_head(memory, hidden)
     if vocab <= int(tgt.max()):
         raise MLPMemError(f"the memory predicts {vocab} tokens but the text holds id {int(tgt.max())}; "
                           "use a memory trained for this base LM")
-    return chunked_target_logprobs(logits_of, tgt, vocab, bytes_budget)
+    try:
+        return head_target_logprobs(head, rows, tgt, vocab, bytes_budget)
+    except RuntimeError as err:
+        raise _unreadable(hidden, err) from None
 
 
 # Causal LMs whose logits are exactly ``get_output_embeddings()(final hidden state)``, soft-capped by
@@ -219,11 +254,12 @@ def lm_scoring_forward(model, bytes_budget: int | None = None, **inputs):
     vocab = model.get_output_embeddings().weight.shape[0]
     keep = int(inputs.pop("logits_to_keep", 0) or 0)
     hidden = model.base_model(**inputs)[0]
+    hidden = hidden[:, -keep:] if keep else hidden
 
     def score(rows: torch.Tensor, targets) -> torch.Tensor:
-        return chunked_target_logprobs(lambda s, e: head(rows[s:e]), targets, vocab, bytes_budget)
+        return head_target_logprobs(head, rows, targets, vocab, bytes_budget, hidden.shape[0] * hidden.shape[1])
 
-    return (hidden[:, -keep:] if keep else hidden), score
+    return hidden, score
 
 
 def memory_dense_logprobs(memory: torch.nn.Module, hidden: torch.Tensor, vocab: int, timer=None) -> torch.Tensor:
@@ -266,10 +302,11 @@ def resolve_input_site(model, spec):
 
 def _mix_rows(logits: torch.Tensor, hidden: torch.Tensor, component, lam: float, timer) -> torch.Tensor:
     """Mixed log-probs (float32, (N, V)) of N rows of base logits and the component on their hidden
-    states, :func:`rows_per_chunk` rows at a time: one float32 (N, V) result, bounded scratch. A
-    decode step (N = batch) is one chunk, computed exactly as without chunking."""
+    states, a quarter of :func:`rows_per_chunk` rows at a time: one float32 (N, V) result, bounded
+    scratch. A decode step (N = batch, up to 32 rows at V = 262k) is one chunk, computed exactly as
+    without chunking."""
     n, vocab = logits.shape
-    step = rows_per_chunk(vocab)
+    step = max(1, rows_per_chunk(vocab) // 4)  # ~8 float32 buffers per chunk: both log-softmaxes, logaddexp's terms
 
     def mix(s: int, e: int) -> torch.Tensor:
         q = component(hidden[s:e], vocab, timer).to(logits.device)

@@ -5,10 +5,12 @@ index -> targets -> train -> eval-ppl, then ``mlpmem generate``), and for each f
 - the run completes and both capture sites resolve without flags, to a module of that model;
 - lambda 0 is the base model: the eval sweep's memory row at lambda 0 has exactly the base
   perplexity, and ``generate --system memory --lam 0`` gives the base model's greedy tokens;
-- the initial (untrained) memory is not worse than uniform on the run's stored validation rows;
+- the initial (untrained) memory, as the pipeline starts it, is not worse than uniform on the run's
+  stored validation rows, and the training manifest records that check;
 - windows start the way the tokenizer starts text: the stored keys are the hidden states of the
-  held-out tokens read after the tokenizer's own prefix (a BOS for the Llama case, whose tokenizer
-  adds one by default; nothing for the others), and the BOS is never a scored value.
+  held-out tokens read after the tokenizer's own prefix (a BOS for Llama, Mistral and the Gemmas,
+  whose tokenizers add one by default, as the real ones do; nothing for the others), and the BOS is
+  never a scored value.
 
 Models are random (2 layers, d 32, vocab ~300); Gemma's final norm is given the large (1 + w) gain
 trained Gemma checkpoints have (Gemma 3 270M: mean 26), which a fresh w = 0 would hide.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_tokenizer, tiny_run_args, write_docs
+from helpers import tiny_run_args, write_docs
 
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.cli import main
@@ -46,16 +48,16 @@ _DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 num_key_value_heads=2, max_position_embeddings=256)
 FAMILIES = [
     Family("llama", "LlamaConfig", "LlamaForCausalLM", dict(_DECODER, tie_word_embeddings=True), bos=True),
-    Family("mistral", "MistralConfig", "MistralForCausalLM", dict(_DECODER, sliding_window=16)),
+    Family("mistral", "MistralConfig", "MistralForCausalLM", dict(_DECODER, sliding_window=16), bos=True),
     Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(_DECODER, tie_word_embeddings=True)),
     Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM",
            dict(_DECODER, head_dim=8, tie_word_embeddings=True, layer_types=["full_attention"] * 2)),
     Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
            dict(_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
-                layer_types=["sliding_attention", "full_attention"]), gemma_gain=True),
+                layer_types=["sliding_attention", "full_attention"]), bos=True, gemma_gain=True),
     Family("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM",
            dict(_DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
-                layer_types=["sliding_attention", "full_attention"]), gemma_gain=True),
+                layer_types=["sliding_attention", "full_attention"]), bos=True, gemma_gain=True),
     Family("phi3", "Phi3Config", "Phi3ForCausalLM", dict(_DECODER, original_max_position_embeddings=256)),
     Family("gpt2", "GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
     Family("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM",
@@ -67,21 +69,6 @@ FAMILIES = [
     Family("falcon", "FalconConfig", "FalconForCausalLM",
            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)),
 ]
-
-
-def bos_tokenizer(path):
-    """The tiny tokenizer plus a ``<s>`` BOS that it adds by default (a TemplateProcessing post-processor),
-    as Llama's and Gemma's tokenizers do."""
-    from tokenizers import processors
-
-    tok = make_tiny_tokenizer(path)
-    tok.add_special_tokens({"bos_token": "<s>"})
-    bos = tok.bos_token_id
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", bos)])
-    tok.save_pretrained(str(path))
-    assert tok("the").input_ids[0] == bos
-    return tok
 
 
 def build_model(family: Family, tokenizer, seed: int = 0):
@@ -99,14 +86,6 @@ def build_model(family: Family, tokenizer, seed: int = 0):
     return model
 
 
-def prefix_ids(tokenizer) -> list[int]:
-    """What the tokenizer puts before a text by default (e.g. ``[bos]``), from its own behaviour."""
-    with_special = tokenizer("the river").input_ids
-    plain = tokenizer("the river", add_special_tokens=False).input_ids
-    i = next(i for i in range(len(with_special) + 1) if with_special[i:i + len(plain)] == plain)
-    return with_special[:i]
-
-
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     path = tmp_path_factory.mktemp("family_docs") / "docs.jsonl"
@@ -115,14 +94,14 @@ def docs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f.name for f in FAMILIES])
-def family_run(request, tmp_path_factory, docs, tiny_tokenizer):
-    """One finished run per family: (family, run dir, the run's loaded base LM)."""
+def family_run(request, tmp_path_factory, docs, tiny_tokenizer, tiny_bos_tokenizer):
+    """One finished run per family: (family, run dir, the run's loaded base LM, the run)."""
     from mlpmemory.config import make_config
     from mlpmemory.pipeline import Run
 
     family = request.param
     root = tmp_path_factory.mktemp(family.name)
-    tok = bos_tokenizer(root / "tokenizer") if family.bos else tiny_tokenizer
+    tok = tiny_bos_tokenizer if family.bos else tiny_tokenizer
     model_dir = root / "model"
     build_model(family, tok).save_pretrained(str(model_dir))
     tok.save_pretrained(str(model_dir))
@@ -132,13 +111,13 @@ def family_run(request, tmp_path_factory, docs, tiny_tokenizer):
     assert main(argv) == 0, family.name
     run = Run(make_config(None, None, base=json.loads((run_dir / "config.json").read_text())))
     assert type(run.lm.model).__name__ == family.model
-    return family, run_dir, run.lm
+    return family, run_dir, run.lm, run
 
 
 def test_run_completes_and_capture_sites_resolve(family_run):
     from mlpmemory.io import read_manifest
 
-    family, run_dir, lm = family_run
+    family, run_dir, lm, *_ = family_run
     manifest = read_manifest(run_dir / "datastore")
     modules = dict(lm.model.named_modules())
     n_layers = lm.model.config.get_text_config().num_hidden_layers
@@ -151,7 +130,7 @@ def test_run_completes_and_capture_sites_resolve(family_run):
 
 
 def test_lambda_zero_is_the_base_model_in_the_eval_sweep(family_run):
-    _, run_dir, _ = family_run
+    run_dir = family_run[1]
     report = json.loads((run_dir / "eval" / "ppl.json").read_text())
     rows = report["validation"]["rows"]
     base = next(r for r in rows if r["system"] == "base")
@@ -162,7 +141,7 @@ def test_lambda_zero_is_the_base_model_in_the_eval_sweep(family_run):
 
 
 def test_lambda_zero_generates_the_base_models_tokens(family_run, tmp_path, capsys):
-    _, run_dir, lm = family_run
+    _, run_dir, lm, *_ = family_run
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     texts = {}
     for system, extra in (("base", []), ("memory", ["--lam", "0"])):
@@ -185,35 +164,39 @@ def test_lambda_zero_generates_the_base_models_tokens(family_run, tmp_path, caps
         assert n_new == len(ref) and text == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_initial_memory_is_not_worse_than_uniform(family_run, request):
+def test_initial_memory_is_not_worse_than_uniform(family_run):
+    """The untrained memory as the pipeline starts it (``build_memory``, then its final-norm gain calibrated
+    on the validation slice: :func:`mlpmemory.pipeline.initial_memory`) scores the run's stored validation
+    rows no worse than uniform, and the training manifest records that check."""
     from mlpmemory.datastore import open_datastore
-    from mlpmemory.memory import build_memory, memory_config_for
+    from mlpmemory.io import read_manifest
+    from mlpmemory.memory import memory_config_for
+    from mlpmemory.pipeline import initial_memory
 
-    family, run_dir, lm = family_run
-    if family.gemma_gain:
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="build_memory copies Gemma's (1 + w) final-norm gain (issue 16, item 1); "
-                                 "remove this mark once the family-correct initialisation lands"))
+    family, run_dir, lm, run = family_run
     tune = open_datastore(run_dir / "tune")
-    memory = build_memory(lm, memory_config_for(lm, tune.manifest["mem_site"], preset="tiny")).eval()
+    torch.manual_seed(0)
+    memory, check = initial_memory(run, memory_config_for(lm, tune.manifest["mem_site"], preset="tiny"))
     with torch.no_grad():
-        logits = memory(torch.from_numpy(np.asarray(tune.mem_inputs, dtype=np.float32))).float()
-    ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(tune.values, dtype=np.int64)))
-    vocab = memory.config.vocab_size
-    assert float(ce) <= math.log(vocab) + UNIFORM_TOLERANCE, (family.name, float(ce), math.log(vocab))
+        logits = memory.eval()(torch.from_numpy(np.asarray(tune.mem_inputs, dtype=np.float32))).float()
+    ce = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(tune.values, dtype=np.int64))))
+    uniform = math.log(memory.config.vocab_size)
+    assert ce <= uniform + UNIFORM_TOLERANCE, (family.name, ce, uniform, check)
+    recorded = read_manifest(run_dir / "memory")["init_check"]
+    assert recorded["ce"] <= recorded["uniform_ce"] + UNIFORM_TOLERANCE and recorded["chosen"] == check["chosen"]
+    if family.gemma_gain:  # the case this guards: Gemma's (1 + w) gain, copied as is, starts far worse than uniform
+        assert check["ce_copied_as_is"] > uniform + 1.0
 
 
-def test_windows_start_as_the_tokenizer_says(family_run, request):
+def test_windows_start_as_the_tokenizer_says(family_run):
     from mlpmemory.datastore import open_datastore, read_tokens
 
-    family, run_dir, lm = family_run
+    family, run_dir, lm, *_ = family_run
     tok = lm.tokenizer
-    prefix = prefix_ids(tok)
-    assert bool(prefix) == family.bos
-    if family.bos:
-        request.applymarker(pytest.mark.xfail(
-            strict=False, reason="BOS-aware windows (issue 16, item 2) not in yet; remove this mark once they land"))
+    prefix = [tok.bos_token_id] if family.bos else []
+    assert tok("the river").input_ids == prefix + tok("the river", add_special_tokens=False).input_ids
     tune, store = open_datastore(run_dir / "tune"), open_datastore(run_dir / "datastore")
+    assert tune.manifest["bos_prefix"] == store.manifest["bos_prefix"] == prefix
     if prefix:  # the BOS is context, never a scored value
         assert not np.isin(prefix, tune.values).any() and not np.isin(prefix, store.values).any()
     held = read_tokens(run_dir / "corpus" / "heldout.i32", 0, 8).astype(np.int64)
@@ -238,9 +221,11 @@ def test_a_flattened_ffn_input_is_captured_per_position(tiny_tokenizer):
     normed = []
     handle = model.model.decoder.layers[1].final_layer_norm.register_forward_hook(lambda m, a, out: normed.append(out))
     try:
-        with torch.inference_mode(), capture_inputs(model, [site]) as cap:
-            model(ids)
+        for forward in (model, model.base_model):  # the pipeline calls either
+            normed.clear()
+            with torch.inference_mode(), capture_inputs(model, [site]) as cap:
+                forward(ids)
+            assert cap[site.module_path].shape == (*ids.shape, 32)
+            torch.testing.assert_close(cap[site.module_path], normed[0].reshape(*ids.shape, 32))
     finally:
         handle.remove()
-    assert cap[site.module_path].shape == (*ids.shape, 32)
-    torch.testing.assert_close(cap[site.module_path], normed[0].reshape(*ids.shape, 32))

@@ -290,7 +290,7 @@ def test_prefill_mixing_in_chunks_equals_the_dense_mixture(tiny_llama, monkeypat
             seen.append(h.shape[0])
             return memory_dense_logprobs(memory, h, v, timer)
 
-        monkeypatch.setattr("mlpmemory.inference.LOGPROB_CHUNK_BYTES", 8 * vocab * 7)
+        monkeypatch.setattr("mlpmemory.inference.LOGPROB_CHUNK_BYTES", 8 * vocab * 28)  # 28 // 4 = 7 rows
         with mixing_hook(tiny_llama.model, "model.layers.2.mlp", component, 0.3):
             got = tiny_llama.model(input_ids=ids).logits
     assert seen == [7, 7, 7, 7, 2]
