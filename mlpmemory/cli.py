@@ -21,6 +21,7 @@ import sys
 import types
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, saved_settings
 from .config import GROUPS, PRESETS, make_config
@@ -146,10 +147,12 @@ def _tool_main(command: str, args: dict) -> None:
     opts = module.Options(**{k: v for k, v in args.items() if k in own})
     rest = {k: v for k, v in args.items() if k not in own}
     rest.setdefault("run_dir", "runs/quick")
-    cfg = make_config(None, None, base=saved_settings(rest["run_dir"]), **rest)
-    if hasattr(opts, "validate"):
+    if hasattr(opts, "validate"):  # the options first: they are checked without touching any file
         opts.validate()
-    module.main(pipeline.Run(cfg), opts)
+    if not (Path(rest["run_dir"]) / "config.json").is_file():
+        raise MLPMemError(f"{rest['run_dir']} is not a run directory (no config.json); build one with "
+                          f"`mlpmem run --run-dir {rest['run_dir']}` or give --run-dir")
+    module.main(pipeline.Run(make_config(None, None, base=saved_settings(rest["run_dir"]), **rest)), opts)
 
 
 if __name__ == "__main__":

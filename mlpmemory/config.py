@@ -38,11 +38,31 @@ def opt(default, help: str, choices=None, minimum=None):
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_type(obj, f, flag: str):
+    """The field's value as its annotated type (``int``, ``float``, ``str``, ``bool``, optionally ``| None``);
+    a config file's ``block = "abc"`` or ``block = 64.5`` is an error here, never a saved setting."""
+    value, names = getattr(obj, f.name), [s.strip() for s in str(f.type).split("|")]
+    if value is None and "None" in names:
+        return value
+    want = next(n for n in names if n != "None")
+    ok = isinstance(value, _TYPES[want]) and not (want != "bool" and isinstance(value, bool))
+    if not ok:
+        raise MLPMemError(f"{flag} must be {'a number' if want == 'float' else 'an integer' if want == 'int' else want}"
+                          f"{' or none' if 'None' in names else ''}, got {value!r}")
+    if want == "float" and not isinstance(value, float):
+        setattr(obj, f.name, float(value))
+
+
 def check_fields(obj, flag_prefix: str = "--") -> None:
-    """Generic checks of a settings dataclass: numbers finite, ``minimum`` and ``choices`` respected."""
+    """Generic checks of a settings dataclass: the annotated type, numbers finite, ``minimum`` and
+    ``choices`` respected."""
     for f in fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
         flag = flag_prefix + f.name.replace("_", "-")
+        _check_type(obj, f, flag)
+        value, meta = getattr(obj, f.name), f.metadata
         if isinstance(value, float) and not math.isfinite(value):
             raise MLPMemError(f"{flag} must be a finite number, got {value}")
         if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
@@ -161,7 +181,7 @@ class TrainSettings:
     warmup: float = opt(0.03, "fraction of steps spent warming up the learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0.0)
     grad_clip: float = opt(1.0, "gradient norm clip (> 0)")
-    seed: int = opt(0, "seed of initialisation and data order")
+    seed: int = opt(0, "seed of initialisation and data order", minimum=0)
     checkpoint_every: int = opt(100, "steps between resumable checkpoints", minimum=1)
     train_mode: str = opt("offline", "offline: stored hidden states; online: recompute them with the base LM",
                           choices=["offline", "online"])

@@ -172,3 +172,10 @@ def test_config_file_and_bad_settings(tmp_path, tiny_llama, corpus_dir, capsys):
     fails(capsys, [*argv, "--config", str(cfg)], "--stride")
     cfg.write_text('bogus = 1\n')
     fails(capsys, ["corpus", "--config", str(cfg)], "bogus")
+
+
+@pytest.mark.parametrize("command", ["generate", "eval-qa", "bench", "scaling"])
+def test_tool_commands_refuse_a_run_dir_that_does_not_exist(tmp_path, command, capsys):
+    extra = ["--prompt", "x"] if command == "generate" else []
+    fails(capsys, [command, "--run-dir", str(tmp_path / "typo"), *extra], "no config.json")
+    assert not (tmp_path / "typo").exists()  # nothing built, nothing left behind

@@ -57,6 +57,8 @@ def test_bad_config_files(tmp_path, text, fragment):
     ("memory_param_ratio", 0.0), ("alpha", 1.5), ("block", 1), ("stride", 0), ("k", 0), ("nprobe", 0),
     ("temperature", "nan"), ("temperature", "-2"), ("lambdas", "0,1.5"), ("lambdas", "a"),
     ("heldout_fraction", 1.0), ("ivf_flat_max_gb", math.inf), ("dtype", "int8"), ("train_mode", "both"),
+    ("block", "abc"), ("block", 64.5), ("block", True), ("lr", "fast"), ("seed", -1), ("rag_ppl", 1),
+    ("model", 3), ("k", 2.0),
 ])
 def test_every_bad_value_is_a_one_line_error_naming_the_flag(setting, value):
     with pytest.raises(MLPMemError) as e:
@@ -69,3 +71,11 @@ def test_updated_copies_and_validates():
     assert cfg.updated(lr=0.5).train.lr == 0.5 and cfg.train.lr == defaults()["lr"]
     with pytest.raises(MLPMemError, match="unknown setting"):
         cfg.updated(learning_rate=0.5)
+
+
+def test_a_wrongly_typed_config_file_is_refused_and_never_saved(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[datastore]\nblock = 64.5\n")
+    with pytest.raises(MLPMemError, match="--block must be an integer"):
+        make_config(config_file=str(f))
+    assert make_config(lr=1).train.lr == 1.0 and isinstance(make_config(lr=1).train.lr, float)

@@ -16,6 +16,7 @@ from mlpmemory.cli import main
 from mlpmemory.commands.generate import Options, parse_stop, read_prompts
 from mlpmemory.errors import MLPMemError
 from mlpmemory.generation import StageTimer, augmented, generate, score_continuations
+from mlpmemory.config import make_config
 from mlpmemory.inference import KNNLM, MemoryAugmentedLM, mix_logprobs
 from mlpmemory.memory import build_memory, memory_config_for
 
@@ -284,6 +285,10 @@ def test_cli_generate_errors(tiny_run, tiny_llama, tmp_path, capsys):
 
     empty = ["--run-dir", str(tmp_path / "empty"), "--model", str(tiny_llama.path), "--device", "cpu",
              "--dtype", "float32"]
+    fails(["generate", *empty, "--prompt", "x"], "no config.json")  # a typo is refused, never built
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "empty").mkdir()  # a run with its settings but no stage built yet
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(make_config().to_dict()))
     fails(["generate", *empty, "--prompt", "x"], "mlpmem train")
     fails(["generate", *empty, "--prompt", "x", "--system", "knn_lm"], "mlpmem run")
     fails(["generate", "--run-dir", str(tiny_run)], "--prompt")
