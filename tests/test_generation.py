@@ -14,9 +14,9 @@ from helpers import synthetic_text
 from mlpmemory.capture import capture_inputs, resolve_site
 from mlpmemory.cli import main
 from mlpmemory.commands.generate import Options, parse_stop, read_prompts
+from mlpmemory.config import make_config
 from mlpmemory.errors import MLPMemError
 from mlpmemory.generation import StageTimer, augmented, generate, score_continuations
-from mlpmemory.config import make_config
 from mlpmemory.inference import KNNLM, MemoryAugmentedLM, mix_logprobs
 from mlpmemory.memory import build_memory, memory_config_for
 
