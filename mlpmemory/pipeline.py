@@ -68,6 +68,13 @@ class Run:
             log(f"loaded {r.model} ({self._lm.dtype}, {self._lm.device}) in {time.perf_counter() - t:.1f}s")
         return self._lm
 
+    def release_lm(self) -> None:
+        """Free the base LM while a stage does not need it (offline training); the next use reloads it."""
+        import gc
+
+        self._lm = None
+        gc.collect()
+
     def timed(self, stage: str, fn):
         """Run a stage; its build time is kept in timings.json so later summaries still show it."""
         done = is_complete(self.path(stage))
@@ -202,6 +209,22 @@ def initial_memory(run: Run, mcfg, valid_inputs=None) -> tuple:
     return memory, check
 
 
+def _finished_memory(run: Run, mcfg, targets, identity: dict) -> dict | None:
+    """The memory stage's manifest when it already holds this training (same config up to the
+    calibrated init, which it then reuses), else None: a finished stage costs no memory build."""
+    from .train import training_fingerprint
+
+    if not is_complete(run.path(MEMORY)) or not (run.path(MEMORY) / "config.json").exists():
+        return None
+    saved = read_json(run.path(MEMORY) / "config.json")
+    if {**saved, "init_norm": None} != {**mcfg.to_dict(), "init_norm": None}:
+        return None
+    mcfg.init_norm = saved.get("init_norm") or {}
+    manifest = read_json(run.path(MEMORY) / "manifest.json")
+    fp = training_fingerprint(run.cfg.train, mcfg, targets, identity)
+    return manifest if manifest.get("training_fingerprint") == fp else None
+
+
 def stage_train(run: Run) -> dict:
     from .memory import memory_config_for
     from .targets import open_targets
@@ -211,19 +234,25 @@ def stage_train(run: Run) -> dict:
     stage_targets(run)
     ds = training_datastore(run)
     targets = open_targets(run.path(TARGETS), ds.manifest)
-    lm = run.lm
+    identity = {"datastore_fingerprint": sha256_json(ds.manifest)}
 
     def go():
         import torch
 
         torch.manual_seed(s.seed)
-        mcfg = memory_config_for(lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
+        mcfg = memory_config_for(run.lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
+        done = _finished_memory(run, mcfg, targets, identity)
+        if done is not None:
+            return done
         memory, check = initial_memory(run, mcfg)
-        inputs = OnlineInputs(lm, ds, run.path(CORPUS) / "train.i32") if s.train_mode == "online" else None
+        inputs = OnlineInputs(run.lm, ds, run.path(CORPUS) / "train.i32") if s.train_mode == "online" else None
         log(f"memory: {mcfg.n_blocks} blocks, {memory.num_parameters():,} parameters, "
             f"input {ds.manifest['mem_site']['module']}")
-        return train_memory(memory, ds, targets, run.path(MEMORY), s, inputs=inputs, device=lm.device,
-                            identity={"datastore_fingerprint": sha256_json(ds.manifest)}, init_check=check)
+        device = run.lm.device
+        if inputs is None:  # offline training reads stored states only: the base LM's RAM goes to the memory
+            run.release_lm()
+        return train_memory(memory, ds, targets, run.path(MEMORY), s, inputs=inputs, device=device,
+                            identity=identity, init_check=check)
     return run.timed(MEMORY, go)
 
 

