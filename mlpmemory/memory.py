@@ -521,25 +521,27 @@ class _FusedHeadLoss(torch.autograd.Function):
                     x.index_put_((torch.arange(e - s, device=device), next_token[s:e]),
                                  torch.full((e - s,), -(1.0 - alpha) / b, device=device), accumulate=True)
                     buf[s:e] = x
+            # Both input gradients are formed here, so the (B, V) buffer and the compute-dtype weight are
+            # freed before backward allocates the float32 (V, d) gradient: they are never alive together.
+            grad_h = buf @ w if ctx.needs_input_grad[0] else None
+            grad_w = buf.t() @ h if ctx.needs_input_grad[1] else None
         kl_mean, ce_mean = kl.mean(), ce.mean()
         loss = alpha * kl_mean + (1.0 - alpha) * ce_mean
         if need_grad:
-            ctx.save_for_backward(buf, h, w)
+            ctx.save_for_backward(grad_h, grad_w)
             ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(kl_mean, ce_mean)
         return loss, kl_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grad, h, w = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False):
-            scale = grad_loss.to(torch.float32)
-            grad_h = grad_w = None
-            if ctx.needs_input_grad[0]:
-                grad_h = (grad @ w).to(ctx.dtypes[0]).mul_(scale)
-            if ctx.needs_input_grad[1]:
-                # scaled on the small (B, d) side: no extra pass over the (V, d) gradient
-                grad_w = (grad.t() @ (h * scale.to(h.dtype))).to(ctx.dtypes[1])
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        with torch.autocast(scale.device.type, enabled=False):
+            if grad_h is not None:
+                grad_h = grad_h.to(ctx.dtypes[0]).mul_(scale)
+            if grad_w is not None:  # loss.backward() gives scale 1: no pass over the (V, d) gradient then
+                grad_w = grad_w.to(ctx.dtypes[1]) if float(scale) == 1.0 else grad_w.to(ctx.dtypes[1]).mul_(scale)
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 

@@ -193,14 +193,17 @@ def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
     remove_path(old)
     with atomic_path(final) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().clone() for k, v in memory.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
-        for pid, st in optimizer.state_dict()["state"].items():
+        # No copies of the tensors (the memory's tensors share no storage), and the optimizer's moments
+        # one kind per file: safetensors serialises a file's tensors at once, so this bounds the transient.
+        save_file({k: v.detach().contiguous() for k, v in memory.state_dict().items()}, str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict()
+        by_key: dict[str, dict] = {}
+        for pid, st in opt["state"].items():
             for key, val in st.items():
-                opt_tensors[f"{pid}.{key}"] = torch.as_tensor(val).detach().contiguous().clone()
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "optimizer.json", opt_meta)
+                by_key.setdefault(key, {})[f"{pid}.{key}"] = torch.as_tensor(val).detach().contiguous()
+        for key, tensors in by_key.items():
+            save_file(tensors, str(tmp / f"optimizer.{key}.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"], "state_keys": sorted(by_key)})
         atomic_write_json(tmp / "state.json", state)
         if final.exists():
             os.replace(final, old)  # a crash before the rename below leaves .old, which resume reads
@@ -215,12 +218,12 @@ def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
             return None
         ck = old
     memory.load_state_dict(load_file(str(ck / "model.safetensors")))
-    tensors = load_file(str(ck / "optimizer.safetensors"))
     meta = read_json(ck / "optimizer.json")
     state: dict = {}
-    for name, val in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = val
+    for kind in meta.get("state_keys", []):
+        for name, val in load_file(str(ck / f"optimizer.{kind}.safetensors")).items():
+            pid, key = name.split(".", 1)
+            state.setdefault(int(pid), {})[key] = val
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return read_json(ck / "state.json")
 
@@ -326,6 +329,8 @@ def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, d
     run = _train_loop(memory, optimizer, inputs, targets, plan, state, s, device, amp, out, progress, stop_after_steps)
     if run is None:
         return None
+    del optimizer  # its moments (2x the memory) and the last gradients are not needed any more
+    memory.zero_grad(set_to_none=True)
     val = evaluate_loss(memory, inputs, targets, plan["val_rows"], s.alpha, device, amp)
     memory.eval()
     memory.save_pretrained(out)
