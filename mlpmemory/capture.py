@@ -163,6 +163,28 @@ def capture_inputs(model: torch.nn.Module, sites: list[CaptureSite], stop_early:
             h.remove()
 
 
+def check_captured(captured: dict, site: CaptureSite, lead: tuple[int, int], width: int, role: str) -> torch.Tensor:
+    """The tensor captured at ``site``, checked to be hidden states: floating point, (batch, seq, width).
+
+    A module path can name any module, e.g. ``model.embed_tokens`` (its input is token ids),
+    ``lm_head`` (it does not run in the backbone's forward) or a projection whose input has
+    another width; each is a one-line error naming the module, before any row is written.
+    """
+    hint = "choose a module inside a decoder layer whose input is the hidden state, e.g. a layer index or 'last'"
+    x = captured.get(site.module_path)
+    if x is None:
+        raise MLPMemError(f"{role} {site.module_path!r} did not run during the model's forward (nothing was "
+                          f"captured); {hint}")
+    dtype = str(x.dtype).replace("torch.", "")
+    what = f"{role} {site.module_path!r} receives a {dtype} tensor of shape {tuple(x.shape)}"
+    if not x.is_floating_point():
+        raise MLPMemError(f"{what} (token ids?), not floating-point hidden states; {hint}")
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(lead) or x.shape[-1] != width:
+        raise MLPMemError(f"{what}, not (batch, seq, d) = {(*tuple(lead), width)} with d = the model's hidden size; "
+                          f"{hint}")
+    return x
+
+
 def run_captured(fn, *args, **kwargs):
     """Call ``fn`` and treat an early stop from :func:`capture_inputs` as normal completion."""
     try:

@@ -16,15 +16,17 @@ Errors a user can fix print as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
 import types
 import typing
 from dataclasses import fields
 from pathlib import Path
 
-from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, saved_settings
-from .config import GROUPS, PRESETS, make_config
+from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, check_run_dir, saved_settings
+from .config import GROUPS, PRESETS, check_fields, make_config
 from .errors import MLPMemError
 
 # command -> (module, help). The module provides `Options` (a dataclass) and `main(run, opts)`.
@@ -37,6 +39,8 @@ TOOL_COMMANDS = {
                                           "to first token, per-stage split, peak memory"),
     "scaling": ("mlpmemory.commands.scaling", "memories of several sizes trained on the same targets: held-out "
                                               "perplexity vs parameters, with a fitted power law"),
+    "verify": ("mlpmemory.commands.verify", "check every finished stage's files against the sizes and sha256 "
+                                            "checksums in its manifest; says what to delete and rebuild"),
 }
 
 
@@ -118,24 +122,59 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser(_selected_command(argv)).parse_args(argv))
     command = args.pop("command")
     configure(args.pop("verbosity", 0))
+    where = args.get("run_dir")
     if command in TOOL_COMMANDS:
-        return _guarded(lambda: _tool_main(command, args))
+        return _guarded(lambda: _tool_main(command, args), where)
     from .commands import stages
 
-    return _guarded(lambda: stages.main(command, args))
+    return _guarded(lambda: stages.main(command, args), where)
 
 
-def _guarded(fn) -> int:
+def _guarded(fn, run_dir: str | None = None) -> int:
     """Run a command: errors a user can fix become one line and exit status 2."""
     try:
         fn()
     except MLPMemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        err = write_failure(e, run_dir)
+        if err is None:
+            raise
+        print(f"mlpmem: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mlpmem: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
     return 0
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+# What libraries that write files themselves (safetensors, FAISS, numpy) say when a write fails.
+_FULL_TEXT = re.compile(r"No space left|File too large|[Qq]uota exceeded|os error (28|27|122)\b|"
+                        r"\d+ requested and \d+ written|write error in")
+_DENIED_TEXT = re.compile(r"Permission denied|Read-only file system|os error (13|30|1)\b")
+
+
+def write_failure(e: BaseException, run_dir: str | None = None) -> MLPMemError | None:
+    """A disk-full or permission failure of a write, as a one-line error saying what to do; else None.
+
+    Writes are atomic, so re-running the same command after freeing space resumes where it stopped.
+    """
+    code, text = getattr(e, "errno", None), " ".join(str(e).split())
+    full = code in _FULL or (code is None and _FULL_TEXT.search(text))
+    denied = code in _DENIED or (code is None and not full and _DENIED_TEXT.search(text))
+    if not (full or denied):
+        return None
+    path = getattr(e, "filename", None) or (f"a file under {run_dir}" if run_dir else "a file")
+    reason = getattr(e, "strerror", None) or text[:200]
+    if full:
+        return MLPMemError(f"disk full (or file-size limit reached) writing {path} ({reason}); free space on that disk "
+                           "or give --run-dir / --cache-dir on another one, then re-run the same command: it "
+                           "continues where it stopped")
+    return MLPMemError(f"permission denied on {path} ({reason}); make it writable, or write elsewhere with "
+                       "--run-dir / --cache-dir (generate: --output)")
 
 
 def _tool_main(command: str, args: dict) -> None:
@@ -147,8 +186,12 @@ def _tool_main(command: str, args: dict) -> None:
     opts = module.Options(**{k: v for k, v in args.items() if k in own})
     rest = {k: v for k, v in args.items() if k not in own}
     rest.setdefault("run_dir", "runs/quick")
-    if hasattr(opts, "validate"):  # the options first: they are checked without touching any file
+    check_fields(opts)  # the options first (types, finite numbers), without touching any file
+    if hasattr(opts, "validate"):
         opts.validate()
+    for name in own:
+        if name.endswith("_out") and getattr(opts, name):  # output folders (bench, scaling)
+            check_run_dir(getattr(opts, name), "--" + name.replace("_", "-"))
     if not (Path(rest["run_dir"]) / "config.json").is_file():
         raise MLPMemError(f"{rest['run_dir']} is not a run directory (no config.json); build one with "
                           f"`mlpmem run --run-dir {rest['run_dir']}` or give --run-dir")

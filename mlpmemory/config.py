@@ -65,6 +65,8 @@ def check_fields(obj, flag_prefix: str = "--") -> None:
         value, meta = getattr(obj, f.name), f.metadata
         if isinstance(value, float) and not math.isfinite(value):
             raise MLPMemError(f"{flag} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # torch / numpy int64
+            raise MLPMemError(f"{flag} is out of range (|value| < 2**63), got {value}")
         if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
             raise MLPMemError(f"{flag} must be >= {meta['minimum']}, got {value}")
         if meta.get("choices") and value not in meta["choices"]:

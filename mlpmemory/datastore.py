@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import DatastoreSettings
 from .errors import MLPMemError
-from .io import check_file_size, read_manifest, write_manifest, write_raw_array
+from .io import check_checksums, check_file_size, file_checksums, read_manifest, write_manifest, write_raw_array
 from .stage import Stage, run_stage
 
 KEYS = "keys.f16"
@@ -73,10 +73,18 @@ def _same_site(a: dict | None, b: dict | None) -> bool:
     return bool(a) and bool(b) and a.get("module") == b.get("module")
 
 
-def open_datastore(path: str | os.PathLike, what: str = "datastore") -> Datastore:
-    """Open a complete datastore, checking every file's size against its manifest."""
+def array_files(manifest: dict) -> list[str]:
+    """The array files of a datastore (what its manifest's ``checksums`` cover)."""
+    return [ARRAYS[name][0] for name in manifest.get("arrays", []) if name in ARRAYS]
+
+
+def open_datastore(path: str | os.PathLike, what: str = "datastore", check: tuple[str, ...] = ()) -> Datastore:
+    """Open a complete datastore, checking every file's size against its manifest, and the content
+    (sha256) of the arrays named in ``check`` (small ones, e.g. ``("lm_logprob",)``; the big keys are
+    left to ``mlpmem verify``)."""
     path = Path(path)
     manifest = read_manifest(path, what)
+    check_checksums(path, manifest, [ARRAYS[name][0] for name in check], f"{what} at {path}")
     arrays: dict[str, np.ndarray | None] = {}
     for name, (fname, dtype, width) in ARRAYS.items():
         if name not in manifest.get("arrays", []):
@@ -114,7 +122,7 @@ def write_datastore_arrays(path: str | os.PathLike, keys: np.ndarray, values: np
     if lm_logprob is not None:
         write_raw_array(path / LM_LOGPROB, lm_logprob, np.float32)
         fields["arrays"].append("lm_logprob")
-    write_manifest(path, fields)
+    write_manifest(path, {**fields, "checksums": file_checksums(path, array_files(fields))})
     return open_datastore(path)
 
 
@@ -200,12 +208,12 @@ def _open_arrays(out: Path, settings: dict) -> dict:
 
 
 def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_logprob: bool,
-                prefix: list[int]) -> dict:
+                prefix: list[int], width: int) -> dict:
     """The rows of one batch of windows, per array: one forward pass of the frozen LM over ``prefix`` +
-    each window (:func:`window_ids`); the prefix is never scored."""
+    each window (:func:`window_ids`); the prefix is never scored. Captures must be (batch, seq, ``width``)."""
     import torch
 
-    from .capture import capture_inputs, run_captured
+    from .capture import capture_inputs, check_captured, run_captured
     from .inference import lm_scoring_forward
 
     sites = [ksite] + ([msite] if msite is not None else [])
@@ -214,6 +222,9 @@ def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_
     forward = partial(lm_scoring_forward, lm.model) if store_lm_logprob else lm.model.base_model
     with torch.inference_mode(), capture_inputs(lm.model, sites, stop_early=not store_lm_logprob) as cap:
         result = run_captured(forward, input_ids=torch.from_numpy(ids).to(lm.device), use_cache=False)
+    for site, role in ((ksite, "key site"), (msite, "memory-input site")):
+        if site is not None:  # before any row is written: a wrong site is an error, not a datastore of zeros
+            check_captured(cap, site, ids.shape, width, role)
     rows: dict[str, list] = {"keys": [], "values": [], "mem_inputs": [], "lm_logprob": []}
     for wi, w in enumerate(batch):
         shift = len(prefix) - w.begin  # stream position j sits at column j + shift
@@ -243,13 +254,14 @@ def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob
     bs = settings["batch_size"]
     batches = [windows[i:i + bs] for i in range(0, len(windows), bs)]
     start_batch = int((stage.resume(PROGRESS) or {}).get("batches_done", 0))
-    files = _open_arrays(out, settings)
+    files: dict = {}  # opened (preallocated) once the first batch's captures have passed their checks
     bar = tqdm(total=settings["n"], initial=sum(w.n_rows for b in batches[:start_batch] for w in b), unit="tok",
                desc=f"datastore {out.name}", disable=not progress, smoothing=0.05)
     try:
         for bi in range(start_batch, len(batches)):
             rows = _batch_rows(lm, batches[bi], token_path, settings["token_start"], ksite, msite, store_lm_logprob,
-                               settings["bos_prefix"])
+                               settings["bos_prefix"], settings["dim"])
+            files = files or _open_arrays(out, settings)
             first_row = batches[bi][0].first_target - 1
             for name, (fd, row_bytes) in files.items():
                 os.pwrite(fd, np.ascontiguousarray(np.concatenate(rows[name])).tobytes(), first_row * row_bytes)
@@ -282,10 +294,12 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
                                                  store_lm_logprob, identity, token_start)
     # batch_size changes how a partial build resumes, not what a complete one holds; a manifest from
     # before windows had a prefix was built with none
-    stage = Stage(out, settings, "datastore", ignore=("batch_size",), view=lambda m: {"bos_prefix": [], **m})
+    stage = Stage(out, settings, "datastore", ignore=("batch_size",), view=lambda m: {"bos_prefix": [], **m},
+                  files=array_files)
 
     manifest = run_stage(stage,
                          lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),
                          verify=lambda found: open_datastore(out) is not None)  # size checks
-    (out / PROGRESS).unlink(missing_ok=True)  # after the manifest: a crash in between leaves a harmless record
+    if (out / PROGRESS).exists():  # (unlinking a missing file fails on a read-only filesystem)
+        (out / PROGRESS).unlink()  # after the manifest: a crash in between leaves a harmless record
     return manifest

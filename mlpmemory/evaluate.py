@@ -40,7 +40,16 @@ from .config import DatastoreSettings, EvalSettings
 from .datastore import LM_LOGPROB, MEM_INPUTS, open_datastore
 from .errors import MLPMemError
 from .inference import KNNLM, _check_lambda, memory_token_logprobs, mix_logprobs
-from .io import atomic_path, atomic_write_json, read_json, read_manifest, sha256_json, write_raw_array
+from .io import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_manifest,
+    sha256_json,
+    write_raw_array,
+)
+from .log import logger
 from .systems import names
 
 BASE, MEMORY, KNN_LM, RAG = "base", "memory", "knn_lm", "rag"  # the registry's names (mlpmemory.systems)
@@ -96,21 +105,23 @@ def fingerprint_memory(memory, sample: int = 4096) -> str:
 
 
 def memory_dir_fingerprint(path) -> str:
-    """Identity of a saved memory: its config and weights bytes, hashed (not the training logs
-    or anything else that may sit in the folder)."""
-    from .memory import CONFIG_NAME, WEIGHTS_NAME
+    """Identity of a saved memory: its config plus its tensors (names, shapes, dtypes, bytes), hashed; not the
+    file's bytes (a safetensors header may list the same tensors in another order) nor anything else in the
+    folder (training logs, checkpoints)."""
+    from safetensors import safe_open
+
+    from .memory import CONFIG_NAME, WEIGHTS_NAME, tensors_sha256
 
     path = Path(path)
-    files = [path / name for name in (CONFIG_NAME, WEIGHTS_NAME) if (path / name).exists()]
-    if not files:
-        raise MLPMemError(f"{path} holds no config or safetensors files; is it a saved memory?")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise MLPMemError(f"{path} is not a saved memory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt", device="cpu") as f:
+            tensors = tensors_sha256(list(f.keys()), get=f.get_tensor)  # one tensor in memory at a time
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise MLPMemError(f"{path / WEIGHTS_NAME} is unreadable ({type(e).__name__}: {e}); the file is corrupted, "
+                          "train or save the memory again") from None
+    return sha256_json({"config": read_json(path / CONFIG_NAME), "tensors": tensors})
 
 
 def mean_nll(logp) -> float:
@@ -167,14 +178,26 @@ def json_safe(obj):
     return _finite_or_none(obj)
 
 
+def _f32_digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype="<f4").tobytes()).hexdigest()[:16]
+
+
 def _write_f32(path: Path, arr: np.ndarray) -> None:
+    """A cached float32 array, with its sha256 beside it (``<name>.sha256``, written after it)."""
     write_raw_array(path, arr, np.float32)
+    atomic_write_text(path.with_name(path.name + ".sha256"), _f32_digest(arr) + "\n")
 
 
 def _read_f32(path: Path, n: int) -> np.ndarray | None:
+    """A cached array of ``n`` floats, or None (absent, another size, or not matching its sha256: recomputed)."""
     if not path.is_file() or path.stat().st_size != 4 * n:
         return None
-    return np.fromfile(path, dtype=np.float32)
+    arr = np.fromfile(path, dtype=np.float32)
+    digest = path.with_name(path.name + ".sha256")
+    if digest.is_file() and digest.read_text().strip() != _f32_digest(arr):
+        logger.warning(f"{path} does not match its checksum (a corrupted cache); computing it again")
+        return None
+    return arr
 
 
 def _read_meta(path: Path) -> dict:
@@ -206,7 +229,7 @@ def build_eval_dir(lm, token_path, n_tokens: int, out_dir, *, key_site: str = "l
 
 
 def _open_eval_dir(eval_dir):
-    ds = open_datastore(eval_dir, "eval dir")
+    ds = open_datastore(eval_dir, "eval dir", check=("lm_logprob",))  # small: its content is checked on load
     if ds.lm_logprob is None:
         raise MLPMemError(f"eval dir {eval_dir} has no {LM_LOGPROB}: build it with store_lm_logprob=True "
                           "(mlpmemory.evaluate.build_eval_dir)")

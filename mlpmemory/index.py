@@ -291,8 +291,9 @@ def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | 
     manifest = read_manifest(index_dir, "index")
     path = index_dir / INDEX_FILE
     check_file_size(path, int(manifest["file_bytes"]), "index")
-    if verify_sha256 and sha256_file(path) != manifest.get("file_sha256"):
-        raise MLPMemError(f"index file {path} does not match the checksum in its manifest; rebuild the index")
+    if verify_sha256 and manifest.get("file_sha256") and sha256_file(path) != manifest["file_sha256"]:
+        raise MLPMemError(f"index file {path} does not match the checksum in its manifest (corrupted); "
+                          f"delete {index_dir} and re-run the index stage to rebuild it")
     if datastore_manifest is not None and sha256_json(datastore_manifest) != manifest.get("datastore_fingerprint"):
         raise MLPMemError(f"index at {index_dir} was built from a different datastore than the one given; "
                           "rebuild the index for this datastore (or point to the matching one)")

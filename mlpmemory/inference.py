@@ -461,7 +461,7 @@ class KNNLM:
         from .io import sha256_json
 
         ds = open_datastore(datastore_dir)
-        index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe)
+        index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe, verify_sha256=True)
         fp = sha256_json({"index": index_fingerprint(index_dir), "datastore": sha256_json(ds.manifest),
                           "nprobe": nprobe})
         return cls(index, ds.values, k=k, temperature=temperature, lam=lam, fingerprint=fp,

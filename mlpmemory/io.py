@@ -10,6 +10,10 @@
   looks complete. Loading compares the fields that must agree (model fingerprint, tokenizer,
   capture site, dims, corpus hash ...) and refuses with a one-line error naming the first
   mismatch.
+- **Checksums.** A manifest records the size and sha256 of its stage's files (``checksums``,
+  :func:`file_checksums`) and a hash of its own fields (``manifest_sha256``), so same-size
+  corruption is noticed: loads check the small files (:func:`check_checksums`), ``mlpmem verify``
+  everything.
 - **Locks.** Two processes building the same stage (or downloading the same file) would write
   the same files: :func:`file_lock` / :func:`stage_lock` make the second one wait, saying so,
   or give up after ``timeout`` seconds with an :class:`MLPMemError` naming the lock file.
@@ -34,12 +38,14 @@ from . import __version__
 from .errors import MLPMemError
 
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"
 logger = logging.getLogger("mlpmemory")
 
 __all__ = [
     "MANIFEST", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "remove_path", "read_json",
     "write_manifest", "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
+    "file_checksums", "checksum_problem", "check_checksums", "manifest_digest", "MANIFEST_SHA256",
     "file_lock", "stage_lock", "lock_path",
 ]
 
@@ -153,11 +159,21 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def write_manifest(stage_dir: str | os.PathLike, fields: dict, complete: bool = True) -> dict:
+    """Write ``manifest.json`` with ``complete``, the package version and ``manifest_sha256`` (a hash of
+    every other field, so ``mlpmem verify`` notices an edited or corrupted manifest)."""
     data = dict(fields)
     data["complete"] = bool(complete)
     data["package_version"] = __version__
+    data.pop(MANIFEST_SHA256, None)
+    data[MANIFEST_SHA256] = manifest_digest(data)
     atomic_write_json(Path(stage_dir) / MANIFEST, data)
     return data
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The hash a manifest records of itself: every field but ``manifest_sha256``, as stored in JSON."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    return sha256_json(json.loads(json.dumps(body)))  # as read back: tuples are lists, keys are strings
 
 
 def read_manifest(stage_dir: str | os.PathLike, what: str = "artifact") -> dict:
@@ -205,6 +221,35 @@ def check_file_size(path: str | os.PathLike, expected_bytes: int, what: str) -> 
             f"{what}: {path} has {size} bytes but its manifest says {expected_bytes}; "
             "the file is truncated or corrupted, rebuild the stage"
         )
+
+
+def file_checksums(directory: str | os.PathLike, names: Iterable[str]) -> dict:
+    """``{name: {"bytes": size, "sha256": hash}}`` of files below ``directory`` (names relative to it):
+    what a manifest records so that same-size corruption is noticed (one extra read of each file)."""
+    directory = Path(directory)
+    return {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+            for name in names}
+
+
+def checksum_problem(directory: str | os.PathLike, name: str, record: dict, hash_content: bool = True) -> str | None:
+    """What is wrong with one recorded file (missing, another size, another sha256), or None."""
+    path = Path(directory) / name
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if record.get("bytes") is not None and size != int(record["bytes"]):
+        return f"{path} has {size} bytes but its manifest says {record['bytes']} (truncated or corrupted)"
+    if hash_content and record.get("sha256") and sha256_file(path) != record["sha256"]:
+        return f"{path} does not match the sha256 in its manifest (corrupted)"
+    return None
+
+
+def check_checksums(directory: str | os.PathLike, manifest: dict, names: Iterable[str], what: str) -> None:
+    """Refuse files whose content differs from the checksums their manifest recorded (none recorded: no check)."""
+    recorded = manifest.get("checksums") or {}
+    for name in names:
+        if name in recorded and (problem := checksum_problem(directory, name, recorded[name])):
+            raise MLPMemError(f"{what}: {problem}; delete {directory} and re-run its stage to rebuild it")
 
 
 def sha256_json(obj: Any) -> str:
@@ -262,3 +307,14 @@ def file_lock(path: str | os.PathLike, what: str, timeout: float | None = None) 
 def stage_lock(stage_dir: str | os.PathLike, timeout: float | None = None, what: str | None = None):
     """The lock of one stage directory (``<run_dir>/.<stage>.lock``); see :func:`file_lock`."""
     return file_lock(lock_path(stage_dir), what or f"stage {stage_dir}", timeout)
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` when it is safe as one path component (a folder or file name inside a run): letters, digits,
+    ``_ . -`` only, not ``.`` or ``..``; else a one-line :class:`MLPMemError` naming ``what`` (e.g. ``--qa-name``)."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or set(name) == {"."}:
+        raise MLPMemError(f"{what} must be a plain name (letters, digits, _ . -; not '.' or '..', no '/'), "
+                          f"got {name!r}")
+    return name

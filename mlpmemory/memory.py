@@ -56,6 +56,32 @@ from .models import resolve_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TENSORS_SHA256 = "mlpmemory_tensors_sha256"  # safetensors metadata: the weights' own checksum
+
+
+def tensors_sha256(state, get=None) -> str:
+    """Hash of a state dict's tensors (names, shapes, dtypes, bytes) in name order: the same weights give
+    the same hash, whatever order a safetensors header lists them in. ``get`` (name -> tensor) reads one
+    tensor at a time, e.g. from an open safetensors file; ``state`` is then just the names."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = (get(name) if get is not None else state[name]).detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_weights(path: Path, state: dict, stored_sha256: str | None) -> None:
+    """Refuse weights that differ from the checksum saved with them, or hold NaN / inf (one line, naming the file)."""
+    if stored_sha256 is not None and tensors_sha256(state) != stored_sha256:
+        raise MLPMemError(f"{path} does not match the checksum saved with it (corrupted); "
+                          "train or save the memory again (e.g. delete it and re-run `mlpmem train`)")
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise MLPMemError(f"{path}: tensor {name} holds NaN or inf values (corrupted); "
+                              "train or save the memory again (e.g. delete it and re-run `mlpmem train`)")
 FAMILIES = ("llama", "gpt2", "generic")
 HEAD_INITS = ("embedding", "random")
 PRESETS = {"tiny": {"n_blocks": 2}, "small": {"n_blocks": 4}, "base": {"n_blocks": 8}, "parity": {"param_ratio": 1.0}}
@@ -219,8 +245,8 @@ class MLPMemory(nn.Module):
             seen.add(ptr)
         config = self.config.to_dict()
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp),
-                      metadata={"format": "pt", "mlpmemory_config": json.dumps(config, sort_keys=True)})
+            save_file(tensors, str(tmp), metadata={"format": "pt", TENSORS_SHA256: tensors_sha256(tensors),
+                                                   "mlpmemory_config": json.dumps(config, sort_keys=True)})
         atomic_write_json(directory / CONFIG_NAME, config)
 
     @classmethod
@@ -237,7 +263,8 @@ class MLPMemory(nn.Module):
             check_base(config, base)
         try:
             with safe_open(str(directory / WEIGHTS_NAME), framework="pt", device="cpu") as f:
-                stored = (f.metadata() or {}).get("mlpmemory_config")
+                meta = f.metadata() or {}
+                stored = meta.get("mlpmemory_config")
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for truncated/garbled files
             raise MLPMemError(f"{directory / WEIGHTS_NAME} is unreadable ({type(e).__name__}: {e}); "
@@ -245,6 +272,7 @@ class MLPMemory(nn.Module):
         if stored is not None and json.loads(stored) != config.to_dict():
             raise MLPMemError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves; "
                               "save the memory again")
+        check_weights(directory / WEIGHTS_NAME, state, meta.get(TENSORS_SHA256))
         with torch.device("meta"):
             memory = cls(config)
         try:

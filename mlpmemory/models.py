@@ -82,9 +82,18 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise MLPMemError(f"bad --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MLPMemError(f"--device {name}: this torch has no usable CUDA (CPU-only build or no GPU); use --device "
+                          "cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MLPMemError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise MLPMemError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return device
 
 
 def _convert_embedded(name: str, cache_dir) -> Path:

@@ -26,6 +26,7 @@ settings such as T and lambda are chosen; the second half (``test``) is only eve
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -317,6 +318,7 @@ def stage_eval(run: Run, eval_text: str | None = None) -> dict:
     ``eval_text`` (an invocation option, never a run setting) scores that text instead of the
     held-out test half; its report goes to ``eval_text/<text fingerprint>/``, never to ``eval/``.
     """
+    from .datastore import open_datastore
     from .evaluate import build_eval_dir, evaluate_ppl, memory_dir_fingerprint
 
     stage_train(run)
@@ -328,6 +330,8 @@ def stage_eval(run: Run, eval_text: str | None = None) -> dict:
                               mem_site=run.cfg.datastore.mem_site, **_window_args(run))
     base_pass() if eval_text else run.timed(EVAL_TEST, base_pass)  # an eval text's times stay out of the run's
     retriever, rag_settings = _rag_setup(run)
+    for scored in (run.path(TUNE), test_dir):  # their stored log-probs are small: checked even when reused
+        open_datastore(scored, "eval dir", check=("lm_logprob",))
     mem_fp = memory_dir_fingerprint(run.path(MEMORY))
     key = _eval_key(run, test_dir, mem_fp, rag_settings)
     if is_complete(out) and read_json(out / "manifest.json").get("inputs") == key:
@@ -398,7 +402,9 @@ def summarize(run: Run) -> dict:
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
         "settings": run.cfg.to_dict(),
     }
-    atomic_write_json(run.dir / "results.json", results)
+    path = run.dir / "results.json"
+    if not path.is_file() or path.read_text() != json.dumps(results, indent=2, sort_keys=True) + "\n":
+        atomic_write_json(path, results)  # (unchanged: not rewritten, so a finished read-only run still reports)
     return results
 
 

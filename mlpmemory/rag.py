@@ -56,7 +56,16 @@ import numpy as np
 
 from .config import EvalSettings
 from .errors import MLPMemError
-from .io import atomic_write_json, is_complete, read_json, read_manifest, sha256_json, write_manifest
+from .io import (
+    MANIFEST_SHA256,
+    atomic_write_json,
+    file_checksums,
+    is_complete,
+    read_json,
+    read_manifest,
+    sha256_json,
+    write_manifest,
+)
 
 RAG_DIR = "rag_bm25"
 BM25_SUBDIR = "bm25"
@@ -114,7 +123,9 @@ class BM25Retriever:
 
     @property
     def fingerprint(self) -> str:
-        return sha256_json({k: v for k, v in self.manifest.items() if k != "seconds"})
+        # not the build time, nor the integrity records (the manifest's own hash covers the build time)
+        volatile = ("seconds", "checksums", MANIFEST_SHA256)
+        return sha256_json({k: v for k, v in self.manifest.items() if k not in volatile})
 
     @classmethod
     def build(cls, corpus_dir, out_dir, tokenizer, *,
@@ -140,8 +151,10 @@ class BM25Retriever:
             for p in passages:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
         os.replace(tmp, out / PASSAGES)
+        files = [PASSAGES] + sorted(str(f.relative_to(out)) for f in (out / BM25_SUBDIR).rglob("*") if f.is_file())
         manifest = write_manifest(out, {**settings, "n_passages": len(passages),
-                                        "seconds": round(time.perf_counter() - t0, 3)})
+                                        "seconds": round(time.perf_counter() - t0, 3),
+                                        "checksums": file_checksums(out, files)})
         return cls(out, bm25, passages, manifest)
 
     @classmethod

@@ -22,7 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MLPMemError
-from .io import MANIFEST, atomic_write_json, is_complete, read_json, remove_path, stage_lock, write_manifest
+from .io import (
+    MANIFEST,
+    atomic_write_json,
+    file_checksums,
+    is_complete,
+    read_json,
+    remove_path,
+    stage_lock,
+    write_manifest,
+)
 from .log import logger
 
 
@@ -31,17 +40,20 @@ class Stage:
 
     ``view`` maps a manifest to the dict compared with ``identity`` (default: the manifest's top
     level); keys in ``ignore`` are not compared for a complete build (e.g. a batch size that does
-    not change the result but does change how a partial build resumes).
+    not change the result but does change how a partial build resumes). ``files`` maps the
+    manifest fields to the stage's files (relative paths) whose size and sha256 the manifest
+    records under ``checksums`` (checked by ``mlpmem verify``, and on load where cheap).
     """
 
     def __init__(self, directory: str | os.PathLike, identity: dict, what: str, *,
                  view: Callable[[dict], dict] | None = None, ignore: tuple[str, ...] = (),
-                 on_mismatch: str = "error", timeout: float | None = None):
+                 on_mismatch: str = "error", timeout: float | None = None,
+                 files: Callable[[dict], list[str]] | None = None):
         if on_mismatch not in ("error", "rebuild"):
             raise ValueError(f"on_mismatch must be 'error' or 'rebuild', got {on_mismatch!r}")
         self.dir, self.identity, self.what = Path(directory), dict(identity), what
         self.view, self.ignore = view or (lambda m: m), tuple(ignore)
-        self.on_mismatch, self.timeout = on_mismatch, timeout
+        self.on_mismatch, self.timeout, self.files = on_mismatch, timeout, files
 
     def difference(self, found: dict, compare: dict | None = None, ignore: tuple[str, ...] = ()) -> str | None:
         """``"key=old but now key=new"`` for the first key of ``compare`` (default: the identity) that differs."""
@@ -90,7 +102,12 @@ class Stage:
         atomic_write_json(self.dir / name, {**state, key: self.identity if compare is None else compare})
 
     def finish(self, fields: dict) -> dict:
-        """Write the manifest: the last file of the stage."""
+        """Write the manifest (the last file of the stage), with the checksums of the stage's ``files``."""
+        if self.files is not None:
+            recorded = {name: rec for name, rec in (fields.get("checksums") or {}).items()
+                        if (self.dir / name).is_file()}  # e.g. a shard's, hashed when it was written
+            missing = [name for name in self.files(fields) if name not in recorded]
+            fields = {**fields, "checksums": {**recorded, **file_checksums(self.dir, missing)}}
         return write_manifest(self.dir, fields)
 
     def lock(self):

@@ -36,7 +36,7 @@ from .config import TargetsSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
 from .index import index_fingerprint, load_index
-from .io import atomic_path, read_json, read_manifest, sha256_json
+from .io import atomic_path, check_checksums, file_checksums, read_json, read_manifest, sha256_json
 from .log import log
 from .stage import Stage, run_stage
 
@@ -181,7 +181,14 @@ def _write_shard(targets_dir: Path, s: int, arrays: dict, info: dict) -> None:
         for name in SHARD_FILES:
             with open(tmp / f"{name}.npy", "wb") as f:
                 np.save(f, np.ascontiguousarray(arrays[name], dtype=SHARD_DTYPES[name]), allow_pickle=False)
-        (tmp / "shard.json").write_text(json.dumps(info))
+        # hashed while the files are fresh in the page cache; the manifest collects them (shard_files)
+        checksums = file_checksums(tmp, [f"{name}.npy" for name in SHARD_FILES])
+        (tmp / "shard.json").write_text(json.dumps({**info, "checksums": checksums}))
+
+
+def shard_files(manifest: dict) -> list[str]:
+    """Every shard's files, relative to the targets folder (what the manifest's ``checksums`` cover)."""
+    return [f"shard_{s:05d}/{name}.npy" for s in range(int(manifest["n_shards"])) for name in SHARD_FILES]
 
 
 def _shard_span(s: int, n: int, shard_rows: int) -> tuple[int, int]:
@@ -257,7 +264,7 @@ def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_
                  batch: int, nprobe) -> dict:
     """Compute every missing shard (a killed run resumes at the first one); returns the manifest fields."""
     targets_dir, n, settings = stage.dir, ds.n, stage.identity
-    index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe)
+    index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe, verify_sha256=True)
     plan = _plan(stage, index, ds, heldout, k, temperature, min_prob)
     t_final = float(plan["temperature"])
     n_shards = (n + shard_rows - 1) // shard_rows
@@ -270,6 +277,8 @@ def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_
             arrays, nnz, search_s = _shard_arrays(index, ds, a, b, batch, k, t_final, min_prob, bar)
             _write_shard(targets_dir, s, arrays, {"start": a, "end": b, "nnz": nnz, "search_seconds": search_s})
     infos = [read_json(targets_dir / f"shard_{s:05d}" / "shard.json") for s in range(n_shards)]
+    recorded = {f"shard_{s:05d}/{name}": rec for s, info in enumerate(infos)
+                for name, rec in (info.get("checksums") or {}).items()}  # the rest are hashed by Stage.finish
     nnz = sum(int(info["nnz"]) for info in infos)
     search_s = sum(float(info["search_seconds"]) for info in infos)
     fields = {"settings": settings, "k": int(k), "temperature": t_final,
@@ -277,7 +286,8 @@ def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_
               "shard_rows": int(shard_rows), "n_shards": n_shards, "n": n, "nnz": nnz, "mean_nnz": nnz / n,
               "datastore_fingerprint": settings["datastore_fingerprint"],
               "index_fingerprint": settings["index_fingerprint"],
-              "search_seconds": search_s, "queries_per_s": n / search_s if search_s > 0 else None}
+              "search_seconds": search_s, "queries_per_s": n / search_s if search_s > 0 else None,
+              "checksums": recorded}
     log(f"targets: {n:,} rows, {nnz / n:.1f} non-zeros per row, T={t_final:.4g}, "
           f"{fields['queries_per_s'] or 0:.0f} queries/s")
     return fields
@@ -308,9 +318,9 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
                 "index_fingerprint": index_fingerprint(index_dir)}
     heldout = None
     if temperature == "auto":
-        heldout = open_datastore(heldout_dir, "held-out datastore")
+        heldout = open_datastore(heldout_dir, "held-out datastore", check=("lm_logprob",))
         settings["heldout_fingerprint"] = sha256_json(heldout.manifest)
-    stage = Stage(targets_dir, settings, "targets", view=lambda m: m.get("settings", {}))
+    stage = Stage(targets_dir, settings, "targets", view=lambda m: m.get("settings", {}), files=shard_files)
     return run_stage(stage, lambda: _fill_shards(stage, index_dir, ds, heldout, k, temperature, min_prob, shard_rows,
                                                  batch, eff_nprobe))
 
@@ -329,6 +339,7 @@ class KnnTargets:
 
     def __init__(self, path: Path, manifest: dict, shards: list[dict]):
         self.path, self.manifest, self._shards = path, manifest, shards
+        self._checked: set[int] = set()  # shards whose files matched their checksums (on first use)
         self.n = int(manifest["n"])
         self.shard_rows = int(manifest["shard_rows"])
         self.k = int(manifest["k"])
@@ -336,6 +347,13 @@ class KnnTargets:
 
     def __len__(self) -> int:
         return self.n
+
+    def _check_shard(self, s: int) -> None:
+        """A shard's files against the checksums of the manifest, the first time its rows are read."""
+        if s not in self._checked:
+            names = [f"shard_{s:05d}/{name}.npy" for name in SHARD_FILES]
+            check_checksums(self.path, self.manifest, names, f"targets at {self.path}")
+            self._checked.add(s)
 
     def get_rows(self, start: int, end: int):
         """Rows [start, end) as CSR (offsets from 0, token_ids int32, probs float32, next_token int32)."""
@@ -353,6 +371,8 @@ class KnnTargets:
         hi = np.zeros(len(idx), np.int64)
         next_token = np.zeros(len(idx), np.int32)
         groups = [(s, np.flatnonzero(shard == s)) for s in np.unique(shard)]
+        for s, _ in groups:
+            self._check_shard(int(s))
         for s, pos in groups:
             sh = self._shards[int(s)]
             lo[pos] = sh["offsets"][local[pos]]

@@ -105,6 +105,8 @@ class OfflineInputs:
             raise MLPMemError(f"datastore {datastore.path} has no stored memory inputs; rebuild it with "
                               "--store-mem-inputs or train with --train-mode online")
         self.mem = datastore.mem_inputs
+        same = datastore.mem_inputs is datastore.keys
+        self.source = str(datastore.path / ("keys.f16" if same else "mem_inputs.f16"))  # named in corruption errors
 
     def __call__(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.mem[rows], dtype=np.float32))
@@ -261,15 +263,44 @@ def _train_step(memory, optimizer, inputs, targets, rows, step: int, plan: dict,
         g["lr"] = lr_at(step, plan["total"], s)
     loss, kl, ce = _step_loss(memory, x, offsets, ids, probs, nxt, s.alpha, device, amp)
     if not torch.isfinite(loss):
-        raise MLPMemError(f"training loss became {loss.item()} at step {step}; the last good checkpoint "
-                          f"(step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in {out / CHECKPOINT}; "
-                          "lower --lr or check the targets")
+        kept = (f"the last good checkpoint (step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in "
+                f"{out / CHECKPOINT}")
+        _check_batch_data(inputs, targets, rows, x, probs, kept)  # corrupted data is not a learning-rate problem
+        raise MLPMemError(f"training loss became {loss.item()} at step {step}; {kept}; lower --lr or check the targets")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), s.grad_clip)
     optimizer.step()
     return {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "grad_norm": float(gnorm),
             "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _check_batch_data(inputs, targets, rows, x: torch.Tensor, probs: np.ndarray, kept: str) -> None:
+    """After a non-finite loss: refuse non-finite memory inputs or target probabilities as corrupted data,
+    naming the rows and the file, rather than suggesting a lower learning rate."""
+    bad_x = rows[~torch.isfinite(x.float()).all(dim=-1).cpu().numpy()]
+    source = getattr(inputs, "source", "the memory inputs")
+    if len(bad_x):
+        raise MLPMemError(f"memory inputs of datastore rows {_few(bad_x)} hold NaN or inf values: corrupted data in "
+                          f"{source}, not a learning-rate problem; {kept}; run `mlpmem verify`, then delete the "
+                          "datastore and rebuild it")
+    if not np.isfinite(probs).all():
+        where = getattr(targets, "path", "the targets")
+        raise MLPMemError(f"the kNN targets of datastore rows {_few(rows)} hold NaN or inf probabilities: a shard of "
+                          f"{where} is corrupted; {kept}; run `mlpmem verify`, then delete it and rebuild the targets")
+
+
+def _few(rows) -> str:
+    rows = sorted({int(r) for r in rows})
+    return ", ".join(map(str, rows[:5])) + (f" ... ({len(rows)} rows)" if len(rows) > 5 else "")
+
+
+def _memory_files(manifest: dict) -> list[str]:
+    """The saved memory's files (and its snapshots'), whose checksums the memory manifest records."""
+    from .memory import CONFIG_NAME, WEIGHTS_NAME
+
+    return [f"{d}{name}" for d in [""] + [f"{x['dir']}/" for x in manifest.get("snapshots") or []]
+            for name in (CONFIG_NAME, WEIGHTS_NAME)]
 
 
 def _snapshot(memory, inputs, targets, plan: dict, state: dict, s: TrainSettings, device, amp, out: Path) -> None:
@@ -373,7 +404,8 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     if len(targets) != datastore.n:
         raise MLPMemError(f"targets have {len(targets)} rows but the datastore has {datastore.n}; rebuild the targets")
     fingerprint = training_fingerprint(s, memory.config, targets, identity)
-    stage = Stage(out_dir, {"training_fingerprint": fingerprint}, "memory", on_mismatch="rebuild")
+    stage = Stage(out_dir, {"training_fingerprint": fingerprint}, "memory", on_mismatch="rebuild",
+                  files=_memory_files)
     manifest = run_stage(stage, lambda: _train(memory, datastore, targets, stage, s, inputs, torch.device(device),
                                                progress, identity, stop_after_steps, snapshots, init_check))
     if manifest:  # the checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run

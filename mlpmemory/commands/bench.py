@@ -46,7 +46,7 @@ import torch
 from ..bench_report import LABELS, flop_report, memory_flops_per_token, write_outputs
 from ..config import opt
 from ..errors import MLPMemError
-from ..io import atomic_write_json, is_complete, read_manifest, sha256_json, write_manifest
+from ..io import atomic_write_json, is_complete, read_manifest, sha256_file, sha256_json, write_manifest
 from ..log import log
 
 SYSTEMS = ("base", "memory", "knn_exact", "knn_ivfpq", "rag")
@@ -185,7 +185,8 @@ def prefix_index(ds, n: int, factory: str, root: Path, nprobe: int, seed: int = 
     os.replace(out / f"{INDEX_FILE}.tmp", out / INDEX_FILE)
     manifest = write_manifest(out, {**identity, "dim": ds.dim, "params": params, **quality,
                                     "build_seconds": time.perf_counter() - t0,
-                                    "file_bytes": (out / INDEX_FILE).stat().st_size})
+                                    "file_bytes": (out / INDEX_FILE).stat().st_size,
+                                    "file_sha256": sha256_file(out / INDEX_FILE)})
     return index, manifest
 
 

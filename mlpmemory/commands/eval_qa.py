@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import string
 import sys
 import time
@@ -44,7 +43,7 @@ import numpy as np
 
 from ..config import opt
 from ..errors import MLPMemError
-from ..io import atomic_write_json, read_json, read_manifest, sha256_json
+from ..io import atomic_write_json, check_name, read_json, read_manifest, sha256_json
 from ..log import logger
 from ..qa_data import (
     coverage_groups,
@@ -119,8 +118,8 @@ class Options:
         _check_template(self.prompt_template, {"question"}, "--prompt-template")
         if self.rag_template is not None:
             _check_template(self.rag_template, {"passages", "prompt"}, "--rag-template")
-        if self.qa_name is not None and not re.fullmatch(r"[\w.-]+", self.qa_name):
-            raise MLPMemError(f"--qa-name must be a plain folder name (letters, digits, _ . -), got {self.qa_name!r}")
+        if self.qa_name is not None:
+            check_name(self.qa_name, "--qa-name")
 
     def systems(self) -> list[str]:
         return _csv(self.qa_systems)
@@ -492,7 +491,7 @@ def main(run, opts: Options) -> None:
     if not report:
         raise MLPMemError(f"no question left to report in groups {wanted} (sizes: {dict(Counter(groups))}); "
                           "lower --qa-dev / --few-shot or choose other --qa-groups")
-    out = run.dir / "qa" / (opts.qa_name or default_name)
+    out = run.dir / "qa" / check_name(opts.qa_name or default_name, "--qa-name (default: the data file's stem)")
     out.mkdir(parents=True, exist_ok=True)
     common, dev_key, key, fps = _settings_keys(run, opts, names_, data_fp, shots, dev, report)
     qa_json = out / "qa.json"

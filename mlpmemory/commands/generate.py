@@ -8,6 +8,7 @@ prints or writes the results.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import torch
 from ..config import opt
 from ..errors import MLPMemError
 from ..generation import StageTimer, generate
+from ..io import atomic_write_text
 from ..log import log, logger
 from ..systems import names
+from .stages import check_writable
 
 SYSTEMS = tuple(names())
 
@@ -93,6 +96,16 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def check_output(output: str) -> None:
+    """A one-line error, before any generation, when ``--output`` cannot be written."""
+    out = Path(output)
+    if out.is_dir() or (out.exists() and not out.is_file()):
+        raise MLPMemError(f"--output {output} is not a regular file; give a file path")
+    check_writable(out.parent, "the folder of --output", "--output")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise MLPMemError(f"--output {output} is not writable; give another --output")
+
+
 def _chat_wrap(tokenizer, prompts: list[str]) -> list[str]:
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("the tokenizer has no chat template; --chat ignored")
@@ -115,6 +128,8 @@ def main(run, opts: Options) -> None:
     from ..systems import get_system
 
     prompts = [opts.prompt] if opts.prompt is not None else read_prompts(opts.prompt_file)
+    if opts.output:  # before generating: the generated text must not be lost to an unwritable --output
+        check_output(opts.output)
     system = get_system(opts.system).load(run)
     lam = 0.0
     if system.has_lambda:
@@ -143,9 +158,7 @@ def main(run, opts: Options) -> None:
             records.append({"prompt": prompt, "system": opts.system, "lam": lam, "text": text,
                             "new_tokens": len(res.token_ids[j]), "ttft_s": res.ttft_s[j]})
     if opts.output:
-        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                     encoding="utf-8")
+        atomic_write_text(opts.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     n_tok = sum(r["new_tokens"] for r in records)
     ttft = sum(r["ttft_s"] for r in records) / len(records)
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in timer.totals.items())

@@ -9,10 +9,13 @@ first (:func:`mlpmemory.pipeline.preflight`), saves the effective settings as th
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import GROUPS, load_config_file, make_config, opt
+from ..errors import MLPMemError
 
 STAGE_ORDER = ["corpus", "datastore", "index", "targets", "train", "eval-ppl"]
 _GROUP_OF_STAGE = {"corpus": "corpus", "datastore": "datastore", "index": "index", "targets": "targets",
@@ -43,8 +46,45 @@ class EvalPplOptions:
 
 
 def saved_settings(run_dir: str) -> dict:
+    """The run's saved settings (flat), checked on their own so that a bad saved value is named as such."""
     saved = Path(run_dir) / "config.json"
-    return load_config_file(saved) if saved.exists() else {}
+    if not saved.exists():
+        return {}
+    flat = load_config_file(saved)
+    try:
+        make_config(base=flat)
+    except MLPMemError as e:
+        raise MLPMemError(f"{saved} (the run's saved settings): {e}; fix or delete that file") from None
+    return flat
+
+
+def base_raw(run_dir: str) -> dict | None:
+    """The run's saved config.json as it is on disk (None when missing or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_run_dir(run_dir: str, flag: str = "--run-dir") -> None:
+    """A one-line error when ``run_dir`` (or a folder above it) is an existing non-folder."""
+    for p in (Path(run_dir), *Path(run_dir).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise MLPMemError(f"{flag} {run_dir}: {p} is a file, not a folder; give a folder (new or existing)")
+            return
+
+
+def check_writable(path: str | Path, what: str, flag: str) -> None:
+    """Fail early, with a one-line error, when folder ``path`` (created if missing) cannot receive a new file."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".mlpmem-write-check-"):
+            pass
+    except OSError as e:
+        raise MLPMemError(f"{what} {path} is not writable ({e.strerror or e}); make it writable or give another "
+                          f"{flag}") from None
 
 
 def main(command: str, args: dict) -> None:
@@ -54,12 +94,18 @@ def main(command: str, args: dict) -> None:
     preset, config_file = args.pop("preset", None), args.pop("config", None)
     eval_text = args.pop("eval_text", None)
     args.setdefault("run_dir", f"runs/{preset or ('quick' if command == 'run' else 'default')}")
+    check_run_dir(args["run_dir"])
     base = saved_settings(args["run_dir"])
     if command == "run" and not base and preset is None:
         preset = "quick"  # a new run without a preset is the README's main job
     run = pipeline.Run(make_config(preset, config_file, base=base, **args))
     pipeline.preflight(run)
-    run.save_config()
+    from ..models import resolve_device
+
+    resolve_device(run.cfg.run.device)  # a device this machine lacks is refused before it is saved
+    if run.cfg.to_dict() != base_raw(args["run_dir"]):  # unchanged settings: nothing to write (read-only runs work)
+        check_writable(run.dir, "run directory", "--run-dir")
+        run.save_config()
     if command == "run":
         results = pipeline.run_all(run)
         print(pipeline.format_table(results))
