@@ -181,14 +181,17 @@ def load_model(name: str = DEFAULT_MODEL, *, cache_dir=None, device: str = "auto
     path = resolve_model_path(name, cache_dir)
     if name in EMBEDDED_MODELS:
         log(f"model {name}: {path}")
+    from safetensors import SafetensorError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated or corrupted weights file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = f"; delete {path} to convert it again" if name in EMBEDDED_MODELS else ""
         raise MLPMemError(
             f"could not load model {name!r} ({first}); give a local folder with config.json and weights, "
-            f"a Hugging Face id available offline, or the embedded default {DEFAULT_MODEL!r}"
+            f"a Hugging Face id available offline, or the embedded default {DEFAULT_MODEL!r}{hint}"
         ) from None
     model.to(dev).eval()
     model.requires_grad_(False)

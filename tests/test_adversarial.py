@@ -407,3 +407,19 @@ def test_fuzz_every_command(capsys, tmp_path):
         codes.append(code)
         assert not (tmp_path / f"run{i}" / "config.json").exists(), argv  # preflight stops every case first
     assert codes.count(2) == FUZZ_CASES
+
+
+def test_a_truncated_model_weights_file_is_a_one_line_error(tmp_path, tiny_tokenizer, capsys):
+    from helpers import make_tiny_model
+
+    from mlpmemory.cli import main
+
+    make_tiny_model("llama", tiny_tokenizer, save_to=tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "docs.txt").write_text("the river and the city " * 50)
+    argv = ["datastore", "--run-dir", str(tmp_path / "r"), "--model", str(tmp_path / "m"), "--corpus",
+            str(tmp_path / "docs.txt"), "--device", "cpu", "--dtype", "float32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mlpmem: error: could not load model") and "Traceback" not in "\n".join(err)
