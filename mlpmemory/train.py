@@ -87,14 +87,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int 
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "off" or name == "float32":
+    """bf16 autocast or none: float16 is never used (the fused loss's per-logit gradients, ~softmax / B,
+    underflow in float16 without a loss scaler)."""
+    if name in ("off", "float32"):
         return None
     if name == "bfloat16":
         return torch.bfloat16
     from .models import resolve_dtype
 
-    dt = resolve_dtype("auto", device)
-    return dt if dt != torch.float32 else None
+    return torch.bfloat16 if resolve_dtype("auto", device) == torch.bfloat16 else None
 
 
 class OfflineInputs:
@@ -192,7 +193,8 @@ def _step_loss(memory, x, offsets, ids, probs, nxt, alpha: float, device, amp):
 def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
     """Weights, AdamW moments and the step, swapped in atomically (the previous one kept as .old until then)."""
     final, old = out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    remove_path(old)
+    if final.exists():  # else .old is the only checkpoint (a crash between the renames): kept until replaced
+        remove_path(old)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         # No copies of the tensors (the memory's tensors share no storage), and the optimizer's moments
@@ -208,6 +210,7 @@ def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
         atomic_write_json(tmp / "optimizer.json", {"param_groups": opt["param_groups"], "state_keys": sorted(by_key)})
         atomic_write_json(tmp / "state.json", state)
         if final.exists():
+            remove_path(old)
             os.replace(final, old)  # a crash before the rename below leaves .old, which resume reads
     remove_path(old)
 
@@ -222,8 +225,9 @@ def _load_checkpoint(out: Path, memory, optimizer) -> dict | None:
     memory.load_state_dict(load_file(str(ck / "model.safetensors")))
     meta = read_json(ck / "optimizer.json")
     state: dict = {}
-    for kind in meta.get("state_keys", []):
-        for name, val in load_file(str(ck / f"optimizer.{kind}.safetensors")).items():
+    files = [ck / f"optimizer.{kind}.safetensors" for kind in meta.get("state_keys") or []]
+    for f in files or [ck / "optimizer.safetensors"]:  # one file per moment; older checkpoints: one file
+        for name, val in load_file(str(f)).items():
             pid, key = name.split(".", 1)
             state.setdefault(int(pid), {})[key] = val
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

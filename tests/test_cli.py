@@ -88,6 +88,11 @@ def test_run_end_to_end_then_noop(tmp_path, tiny_llama, corpus_dir, capsys):
     assert main(["run", "--run-dir", str(tmp_path / "run")]) == 0  # the saved settings, not a preset
     assert f"| base LM | {again['ppl']['base']:.3f} |" in capsys.readouterr().out
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+    # A setting a finished stage refuses is not saved: the run keeps working with its own settings.
+    fails(capsys, ["run", "--run-dir", str(tmp_path / "run"), "--block", "64"], "block")
+    fails(capsys, ["eval-ppl", "--run-dir", str(tmp_path / "run"), "--eval-text", str(tmp_path / "typo.txt")],
+          "typo.txt")
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
 
 
 def test_help_shows_exactly_the_groups_each_command_reads(capsys):
@@ -179,3 +184,14 @@ def test_tool_commands_refuse_a_run_dir_that_does_not_exist(tmp_path, command, c
     extra = ["--prompt", "x"] if command == "generate" else []
     fails(capsys, [command, "--run-dir", str(tmp_path / "typo"), *extra], "no config.json")
     assert not (tmp_path / "typo").exists()  # nothing built, nothing left behind
+
+
+def test_a_run_dir_in_the_config_file_names_the_run(tmp_path, tiny_llama, corpus_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[run]\nrun_dir = "{tmp_path / "mine"}"\n')
+    argv = [x for x in args_for("corpus", tmp_path / "unused", tiny_llama.path, corpus_dir)]
+    argv = argv[:1] + argv[3:]  # no --run-dir flag: the file's run_dir applies
+    assert "--run-dir" not in argv
+    assert main([*argv, "--config", str(cfg)]) == 0
+    assert (tmp_path / "mine" / "corpus" / "manifest.json").is_file() and not (tmp_path / "runs").exists()

@@ -58,7 +58,7 @@ def test_bad_config_files(tmp_path, text, fragment):
     ("temperature", "nan"), ("temperature", "-2"), ("lambdas", "0,1.5"), ("lambdas", "a"),
     ("heldout_fraction", 1.0), ("ivf_flat_max_gb", math.inf), ("dtype", "int8"), ("train_mode", "both"),
     ("block", "abc"), ("block", 64.5), ("block", True), ("lr", "fast"), ("seed", -1), ("rag_ppl", 1),
-    ("model", 3), ("k", 2.0),
+    ("model", 3), ("k", 2.0), ("autocast", "float16"),
 ])
 def test_every_bad_value_is_a_one_line_error_naming_the_flag(setting, value):
     with pytest.raises(MLPMemError) as e:

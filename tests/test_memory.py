@@ -367,3 +367,21 @@ def test_final_norm_calibration_is_the_best_candidate_and_never_worse_than_unifo
     assert check["ce"] <= check["ce_copied_as_is"] and check["rows"] == len(check_rows)
     assert memory.config.init_norm == check["chosen"] and check["chosen"]["scale"] in CALIBRATION_SCALES
     assert math.isfinite(check["base_lm_ce"])
+
+
+def test_fused_loss_without_grad_mode_does_no_gradient_work_and_a_second_backward_works():
+    from mlpmemory.memory import fused_memory_loss
+
+    torch.manual_seed(0)
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    offsets, ids = torch.tensor([0, 2, 3, 3, 5, 6, 8]), torch.randint(0, 50, (8,))
+    probs, nxt = torch.rand(8), torch.randint(0, 50, (6,))
+    with torch.no_grad():
+        plain = fused_memory_loss(h, w, offsets, ids, probs, nxt)
+    loss = fused_memory_loss(h, w, offsets, ids, probs, nxt)
+    assert torch.equal(plain[0], loss[0].detach()) and not plain[0].requires_grad
+    (2.0 * loss[0]).backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    (2.0 * loss[0]).backward()  # the saved gradients were not scaled in place by the first backward
+    assert torch.equal(first, w.grad)

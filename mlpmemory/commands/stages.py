@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import GROUPS, load_config_file, make_config, opt
 from ..errors import MLPMemError
+from ..io import atomic_write_bytes
 
 STAGE_ORDER = ["corpus", "datastore", "index", "targets", "train", "eval-ppl"]
 _GROUP_OF_STAGE = {"corpus": "corpus", "datastore": "datastore", "index": "index", "targets": "targets",
@@ -90,22 +91,42 @@ def check_writable(path: str | Path, what: str, flag: str) -> None:
 def main(command: str, args: dict) -> None:
     """Run stage ``command`` with the parsed flags ``args`` (preset, config file, settings, eval-ppl options)."""
     from .. import pipeline
+    from ..models import resolve_device
 
     preset, config_file = args.pop("preset", None), args.pop("config", None)
     eval_text = args.pop("eval_text", None)
-    args.setdefault("run_dir", f"runs/{preset or ('quick' if command == 'run' else 'default')}")
+    if "run_dir" not in args and config_file:  # a run_dir in the config file names the run
+        args["run_dir"] = load_config_file(config_file).get("run_dir")
+    if not args.get("run_dir"):
+        args["run_dir"] = f"runs/{preset or ('quick' if command == 'run' else 'default')}"
     check_run_dir(args["run_dir"])
+    if eval_text and eval_text != "wiki" and not Path(eval_text).exists():
+        raise MLPMemError(f"--eval-text {eval_text} does not exist; give a text file or folder")
     base = saved_settings(args["run_dir"])
     if command == "run" and not base and preset is None:
         preset = "quick"  # a new run without a preset is the README's main job
     run = pipeline.Run(make_config(preset, config_file, base=base, **args))
     pipeline.preflight(run)
-    from ..models import resolve_device
-
     resolve_device(run.cfg.run.device)  # a device this machine lacks is refused before it is saved
-    if run.cfg.to_dict() != base_raw(args["run_dir"]):  # unchanged settings: nothing to write (read-only runs work)
+    previous = (run.dir / "config.json").read_bytes() if (run.dir / "config.json").is_file() else None
+    changed = run.cfg.to_dict() != base_raw(args["run_dir"])
+    if changed:  # unchanged settings: nothing to write (read-only runs work)
         check_writable(run.dir, "run directory", "--run-dir")
         run.save_config()
+    try:
+        _dispatch(command, run, eval_text)
+    except MLPMemError:
+        if changed:  # settings a finished stage refused (e.g. another --block) must not become the run's
+            if previous is None:
+                (run.dir / "config.json").unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(run.dir / "config.json", previous)
+        raise
+
+
+def _dispatch(command: str, run, eval_text: str | None) -> None:
+    from .. import pipeline
+
     if command == "run":
         results = pipeline.run_all(run)
         print(pipeline.format_table(results))
