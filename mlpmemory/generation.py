@@ -281,7 +281,8 @@ def _score_batch(model, systems: dict, sites: dict, batch: list[tuple[list[int],
 
     input_ids, mask = _right_padded([p + c for p, c in batch], pad)
     with capture_inputs(model, list(sites.values())) as cap:  # the LM head runs on the scored rows only
-        states, score = lm_scoring_forward(model, input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        states, score = lm_scoring_forward(model, input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                           use_cache=False)
     # (row, position) of every scored token: position t predicts token t + 1.
     rows = [r for r, (_, c) in enumerate(batch) for _ in c]
     pos = [len(p) - 1 + j for p, c in batch for j in range(len(c))]
