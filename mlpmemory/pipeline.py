@@ -210,19 +210,20 @@ def initial_memory(run: Run, mcfg, valid_inputs=None) -> tuple:
     return memory, check
 
 
-def _finished_memory(run: Run, mcfg, targets, identity: dict) -> dict | None:
-    """The memory stage's manifest when it already holds this training (same config up to the
-    calibrated init, which it then reuses), else None: a finished stage costs no memory build."""
+def finished_memory(folder: Path, mcfg, settings, targets, identity: dict) -> dict | None:
+    """The manifest of ``folder`` when it already holds this training (same config up to the calibrated
+    init, which is taken from the saved config), else None: a finished memory costs no build or calibration."""
+    from dataclasses import replace as with_fields
+
     from .train import training_fingerprint
 
-    if not is_complete(run.path(MEMORY)) or not (run.path(MEMORY) / "config.json").exists():
+    if not is_complete(folder) or not (folder / "config.json").exists():
         return None
-    saved = read_json(run.path(MEMORY) / "config.json")
+    saved = read_json(folder / "config.json")
     if {**saved, "init_norm": None} != {**mcfg.to_dict(), "init_norm": None}:
         return None
-    mcfg.init_norm = saved.get("init_norm") or {}
-    manifest = read_json(run.path(MEMORY) / "manifest.json")
-    fp = training_fingerprint(run.cfg.train, mcfg, targets, identity)
+    manifest = read_json(folder / "manifest.json")
+    fp = training_fingerprint(settings, with_fields(mcfg, init_norm=saved.get("init_norm") or {}), targets, identity)
     return manifest if manifest.get("training_fingerprint") == fp else None
 
 
@@ -242,7 +243,7 @@ def stage_train(run: Run) -> dict:
 
         torch.manual_seed(s.seed)
         mcfg = memory_config_for(run.lm, ds.manifest["mem_site"], head_init=s.head_init, **s.sizing())
-        done = _finished_memory(run, mcfg, targets, identity)
+        done = finished_memory(run.path(MEMORY), mcfg, s, targets, identity)
         if done is not None:
             return done
         memory, check = initial_memory(run, mcfg)

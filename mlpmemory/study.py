@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MLPMemError
-from .io import atomic_write_json, is_complete, read_json, read_manifest, sha256_json
+from .io import atomic_write_json, read_json, read_manifest, sha256_json
 from .log import log
 
 
@@ -90,21 +90,21 @@ class Study:
         """Train one memory into ``out`` (or reuse the run's identical one); its folder and training manifest."""
         import torch
 
-        from .pipeline import initial_memory
-        from .train import OnlineInputs, train_memory, training_fingerprint
+        from .pipeline import finished_memory, initial_memory
+        from .train import OnlineInputs, train_memory
 
         run, settings = self.run, settings or self.run.cfg.train
         identity = {"datastore_fingerprint": sha256_json(self.ds.manifest)}
         if inputs is not None:
             identity.update(input_source=inputs.origin, input_fingerprint=inputs.fingerprint)
-        torch.manual_seed(settings.seed)  # as the pipeline does before building the memory
-        memory, check = initial_memory(run, mcfg, inputs.valid if inputs is not None else None)
-        fp = training_fingerprint(settings, memory.config, self.targets, identity)  # with the calibrated init
         for folder in ([run.path("memory")] if not snapshots else []) + [Path(out)]:
-            if is_complete(folder) and read_json(folder / "manifest.json").get("training_fingerprint") == fp:
+            done = finished_memory(folder, mcfg, settings, self.targets, identity)
+            if done is not None:
                 same = "= the run's own memory" if folder == run.path("memory") else "already trained"
                 log(f"study: {mcfg.n_blocks} blocks {same} ({folder}), reused")
-                return folder, read_json(folder / "manifest.json")
+                return folder, done
+        torch.manual_seed(settings.seed)  # as the pipeline does before building the memory
+        memory, check = initial_memory(run, mcfg, inputs.valid if inputs is not None else None)
         log(f"study: training {mcfg.n_blocks} blocks ({memory.num_parameters():,} parameters) into {out}")
         if inputs is None and settings.train_mode == "online":
             inputs = OnlineInputs(run.lm, self.ds, run.path("corpus") / "train.i32")

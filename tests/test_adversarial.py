@@ -145,7 +145,9 @@ def test_bad_config_file(capsys, tmp_path, name):
     elif content is not None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     argv = ["run", "--config", str(path), *safe_args("run", tmp_path / "run")]
-    assert assert_clean(*cli(capsys, argv), argv) is not None
+    line = assert_clean(*cli(capsys, argv), argv)
+    assert line is not None
+    assert "does not exist; give --corpus" not in line, line  # refused for the config, not for the corpus stop
     assert not (tmp_path / "run").exists()
 
 
@@ -332,6 +334,7 @@ def test_pinned_digest_checked_on_use(tmp_path, monkeypatch):
     import hashlib
 
     from mlpmemory import cache
+    from mlpmemory.io import VERIFIED_SUFFIX
 
     dest = tmp_path / "cache" / "downloads"
     dest.mkdir(parents=True)
@@ -339,7 +342,7 @@ def test_pinned_digest_checked_on_use(tmp_path, monkeypatch):
     good.write_bytes(b"the real wheel")
     monkeypatch.setitem(cache.PINNED_SHA256, ("pinned-pkg", "1.0"), hashlib.sha256(b"the real wheel").hexdigest())
     assert cache.fetch_pypi_distribution("pinned-pkg", "1.0", tmp_path / "cache") == good
-    assert (dest / (good.name + cache.VERIFIED_SUFFIX)).is_file()
+    assert (dest / (good.name + VERIFIED_SUFFIX)).is_file()
     good.write_bytes(b"a swapped wheel")  # changed in the cache: hashed again, refused and removed
     with pytest.raises(MLPMemError, match="pinned sha256"):
         cache.fetch_pypi_distribution("pinned-pkg", "1.0", tmp_path / "cache")

@@ -249,8 +249,8 @@ def test_cli_generate_each_system(tiny_run, system, capsys):
 
 def test_cli_generate_prompt_file_output_and_lambda(tiny_run, tiny_llama, tmp_path, capsys):
     from mlpmemory.config import make_config
-    from mlpmemory.generation import chosen_lambdas
     from mlpmemory.pipeline import Run
+    from mlpmemory.systems import chosen_lambda
 
     (tmp_path / "p.txt").write_text("the river\nparis is\nmusic film team\n")
     out = tmp_path / "o" / "gen.jsonl"
@@ -260,8 +260,8 @@ def test_cli_generate_prompt_file_output_and_lambda(tiny_run, tiny_llama, tmp_pa
     assert cap.out.count(">>> ") == 3 and "chat template" in cap.err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in recs] == ["the river", "paris is", "music film team"]
-    lam = chosen_lambdas(Run(make_config(None, None,
-                                         base=json.loads((tiny_run / "config.json").read_text()))))["memory"]
+    lam = chosen_lambda(Run(make_config(None, None, base=json.loads((tiny_run / "config.json").read_text()))),
+                        "memory")
     assert lam is not None and all(r["lam"] == lam and r["system"] == "memory" for r in recs)
     assert all(0 < r["new_tokens"] <= 4 and "\n" not in r["text"] for r in recs)
     # Same prompts through the API: identical texts.
