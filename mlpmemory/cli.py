@@ -87,6 +87,9 @@ def _add_stage_parser(sub, name: str) -> None:
                         + ("; default: quick for a new run, the saved settings for an existing one"
                            if name == "run" else ""))
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with run settings (flags override it)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run the heavy stages on N local processes (launches torchrun; each takes cores/N threads). "
+                        "For several machines call `torchrun ... -m mlpmemory` yourself (docs/scale.md). Not saved")
     _verbosity_args(p)
     for group in STAGE_READS[name]:
         add_dataclass_args(p, GROUPS[group], f"{group} settings")
@@ -117,17 +120,47 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
     from .log import configure
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser(_selected_command(argv)).parse_args(argv))
     command = args.pop("command")
-    configure(args.pop("verbosity", 0))
+    nproc = args.pop("nproc", 1)
+    if nproc < 1:
+        print(f"mlpmem: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    if nproc > 1 and not distributed.launched():
+        return launch_torchrun(nproc, argv)
+    distributed.init()
+    verbosity = args.pop("verbosity", 0)
+    configure(verbosity if distributed.rank() == 0 else -1)  # one voice per job: rank 0's
     where = args.get("run_dir")
-    if command in TOOL_COMMANDS:
-        return _guarded(lambda: _tool_main(command, args), where)
-    from .commands import stages
+    try:
+        if command in TOOL_COMMANDS:
+            return _guarded(lambda: _tool_main(command, args), where)
+        from .commands import stages
 
-    return _guarded(lambda: stages.main(command, args), where)
+        return _guarded(lambda: stages.main(command, args), where)
+    finally:
+        distributed.shutdown()
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``mlpmem <stage> --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m mlpmemory <stage> ...``."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # the same command line without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "mlpmemory", *rest]
+    return subprocess.call(cmd)
 
 
 def _guarded(fn, run_dir: str | None = None) -> int:
@@ -138,6 +171,10 @@ def _guarded(fn, run_dir: str | None = None) -> int:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        if _peer_failed(e):  # its own one-line message is above; no second traceback for the same failure
+            print("mlpmem: error: another rank of this job failed (its message is above); fix that and re-run: "
+                  "finished work is kept", file=sys.stderr)
+            return 2
         err = write_failure(e, run_dir)
         if err is None:
             raise
@@ -147,6 +184,12 @@ def _guarded(fn, run_dir: str | None = None) -> int:
         print("mlpmem: interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def _peer_failed(e: BaseException) -> bool:
+    from . import distributed
+
+    return distributed.launched() and isinstance(e, RuntimeError) and "closed by peer" in str(e)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -142,6 +142,11 @@ class IndexSettings:
     nprobe: int = opt(32, "IVF lists probed per query (every search of the run: targets, kNN-LM, QA, bench)",
                       minimum=1)
     use_gpu: bool = opt(False, "build/search with GPU FAISS (needs faiss-gpu and a GPU)")
+    index_storage: str = opt("auto", "where an IVF index's inverted lists live: ram, disk (merged on disk by FAISS "
+                                     "and memory-mapped when searched), or auto (disk above --ondisk-min-gb)",
+                             choices=("auto", "ram", "disk"))
+    ondisk_min_gb: float = opt(8.0, "'auto' index storage: IVF lists (codes + ids) larger than this many GiB stay on "
+                                    "disk", minimum=0.0)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .config import DatastoreSettings
 from .errors import MLPMemError
 from .io import check_checksums, check_file_size, file_checksums, read_manifest, write_manifest, write_raw_array
@@ -130,7 +131,8 @@ def write_datastore_arrays(path: str | os.PathLike, keys: np.ndarray, values: np
 # Building: stream windows through the frozen LM, write rows with positional writes, resume.
 # ---------------------------------------------------------------------------------------------
 
-PROGRESS = "progress.json"
+PROGRESS = "progress.json"  # one process, before ranks kept their own records
+RANK_PROGRESS = "progress-rank{rank}.json"
 
 
 def read_tokens(path: str | os.PathLike, start: int, stop: int) -> np.ndarray:
@@ -243,8 +245,35 @@ def _batch_rows(lm, batch, token_path, token_start: int, ksite, msite, store_lm_
     return rows
 
 
+def _done_batches(stage: Stage) -> set[int]:
+    """Batches durably written by any rank of any earlier session (their progress records)."""
+    done: set[int] = set()
+    legacy = stage.resume(PROGRESS)  # one process, before ranks had records of their own
+    if legacy is not None:
+        done.update(range(int(legacy.get("batches_done", 0))))
+    for path in sorted(stage.dir.glob(RANK_PROGRESS.format(rank="*"))):
+        record = stage.resume(path.name) or {}
+        for a, b in record.get("done", []):
+            done.update(range(int(a), int(b)))
+    return done
+
+
+def _add_interval(intervals: list[list[int]], bi: int) -> None:
+    if intervals and intervals[-1][1] == bi:
+        intervals[-1][1] = bi + 1
+    else:
+        intervals.append([bi, bi + 1])
+
+
 def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob: bool, progress: bool) -> dict:
-    """Write every batch of windows not yet durable (positional writes, fsync, progress record); the manifest fields."""
+    """Write this rank's batches of windows not yet durable (positional writes, fsync, progress record).
+
+    Under torchrun the batches still to do are split into contiguous runs, one per rank; every
+    rank writes its rows at their final offsets in the shared array files (its *shard*: no data
+    goes through another rank) and keeps its own progress record, so a killed rank resumes its
+    shard, with any number of ranks. Batch composition does not depend on the ranks, so the
+    files are byte-identical to a one-process build. Returns the manifest fields.
+    """
     from tqdm.auto import tqdm
 
     from .corpus import sliding_windows
@@ -253,12 +282,16 @@ def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob
     windows = sliding_windows(settings["n_tokens"], settings["block"], settings["stride"])
     bs = settings["batch_size"]
     batches = [windows[i:i + bs] for i in range(0, len(windows), bs)]
-    start_batch = int((stage.resume(PROGRESS) or {}).get("batches_done", 0))
+    done = _done_batches(stage)
+    distributed.barrier()  # every rank has read the records before any is rewritten
+    mine = distributed.my_share([bi for bi in range(len(batches)) if bi not in done])
+    record_name = RANK_PROGRESS.format(rank=distributed.rank())
+    intervals = [list(x) for x in (stage.resume(record_name) or {}).get("done", [])]
     files: dict = {}  # opened (preallocated) once the first batch's captures have passed their checks
-    bar = tqdm(total=settings["n"], initial=sum(w.n_rows for b in batches[:start_batch] for w in b), unit="tok",
+    bar = tqdm(total=sum(w.n_rows for bi in mine for w in batches[bi]), unit="tok",
                desc=f"datastore {out.name}", disable=not progress, smoothing=0.05)
     try:
-        for bi in range(start_batch, len(batches)):
+        for bi in mine:
             rows = _batch_rows(lm, batches[bi], token_path, settings["token_start"], ksite, msite, store_lm_logprob,
                                settings["bos_prefix"], settings["dim"])
             files = files or _open_arrays(out, settings)
@@ -267,13 +300,32 @@ def _fill_datastore(lm, stage: Stage, token_path, ksite, msite, store_lm_logprob
                 os.pwrite(fd, np.ascontiguousarray(np.concatenate(rows[name])).tobytes(), first_row * row_bytes)
             for fd, _ in files.values():
                 os.fsync(fd)
-            stage.save_progress(PROGRESS, {"batches_done": bi + 1})
+            _add_interval(intervals, bi)
+            stage.save_progress(record_name, {"done": intervals})
             bar.update(sum(w.n_rows for w in batches[bi]))
     finally:
         bar.close()
         for fd, _ in files.values():
             os.close(fd)
-    return settings
+    if not files:  # nothing was left to this rank: the files still get their full size
+        _close_all(_open_arrays(out, settings))
+    distributed.barrier()  # every shard is on disk: the records say who wrote which rows
+    return {**settings, "shards": _shard_rows(stage, batches)}
+
+
+def _close_all(files: dict) -> None:
+    for fd, _ in files.values():
+        os.close(fd)
+
+
+def _shard_rows(stage: Stage, batches) -> list[dict]:
+    """Row ranges per writer, from the progress records (what the manifest lists as the shards)."""
+    shards = []
+    for path in sorted(stage.dir.glob(RANK_PROGRESS.format(rank="*"))):
+        record = stage.resume(path.name) or {}
+        rows = [[batches[a][0].first_target - 1, batches[b - 1][-1].end - 1] for a, b in record.get("done", [])]
+        shards.append({"writer": path.stem.replace("progress-", ""), "rows": rows})
+    return shards
 
 
 def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: str | os.PathLike, *,
@@ -299,7 +351,16 @@ def build_datastore(lm, token_path: str | os.PathLike, n_tokens: int, out_dir: s
 
     manifest = run_stage(stage,
                          lambda: _fill_datastore(lm, stage, token_path, ksite, msite, store_lm_logprob, progress),
-                         verify=lambda found: open_datastore(out) is not None)  # size checks
-    if (out / PROGRESS).exists():  # (unlinking a missing file fails on a read-only filesystem)
-        (out / PROGRESS).unlink()  # after the manifest: a crash in between leaves a harmless record
+                         verify=lambda found: open_datastore(out) is not None,  # size checks
+                         parallel=True)
+    _remove_progress(out)
     return manifest
+
+
+def _remove_progress(out: Path) -> None:
+    """After the manifest (a crash in between leaves harmless records); rank 0 only, as it wrote the manifest."""
+    if not distributed.is_main():
+        return
+    for path in [out / PROGRESS, *out.glob(RANK_PROGRESS.format(rank="*"))]:
+        if path.exists():  # (unlinking a missing file fails on a read-only filesystem)
+            path.unlink()

@@ -23,6 +23,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -30,12 +31,14 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import IndexSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
 from .io import (
     MANIFEST,
     atomic_path,
+    atomic_write_json,
     check_file_size,
     read_json,
     read_manifest,
@@ -239,18 +242,26 @@ def _build_index_files(ds, index_dir: Path, factory: str, settings: dict, finger
                        add_batch: int) -> dict:
     """Train, fill, measure and write the index (atomically); returns the manifest fields."""
     t_start = time.perf_counter()
-    nprobe, seed = settings["nprobe"], settings["seed"]
+    seed = settings["seed"]
     index = new_index(ds.dim, factory)
     on_gpu = False
     if use_gpu:
         index, on_gpu = _to_gpu(index)
     train_seconds = _train_index(index, ds, factory, settings["train_samples"], seed, add_batch)
     add_seconds = _add_keys(index, ds, add_batch)
+    cpu_index = faiss.index_gpu_to_cpu(index) if on_gpu else index
+    return _measure_and_write(index, cpu_index, ds, index_dir, factory, settings, fingerprint,
+                              {"built_on_gpu": on_gpu, "storage": "ram", "train_seconds": train_seconds,
+                               "add_seconds": add_seconds}, t_start)
+
+
+def _measure_and_write(index, cpu_index, ds, index_dir: Path, factory: str, settings: dict, fingerprint: str,
+                       extra: dict, t_start: float) -> dict:
+    """Measure recall against brute force, write the index file (atomically); the manifest fields."""
+    nprobe, seed = settings["nprobe"], settings["seed"]
     _set_nprobe(index, nprobe)
     queries = np.asarray(ds.keys[_sample_rows(ds.n, settings["recall_queries"], seed + 1)], dtype=np.float32)
     quality = measure_recall(index, ds.keys, queries, settings["recall_k"])
-
-    cpu_index = faiss.index_gpu_to_cpu(index) if on_gpu else index
     _set_nprobe(cpu_index, nprobe)
     path = index_dir / INDEX_FILE
     with atomic_path(path) as tmp:
@@ -258,36 +269,156 @@ def _build_index_files(ds, index_dir: Path, factory: str, settings: dict, finger
     fields = {
         "factory": factory, "index_type": type(faiss.downcast_index(cpu_index)).__name__,
         "params": _index_params(cpu_index, nprobe), "n": int(cpu_index.ntotal), "dim": int(ds.dim), "metric": "l2",
-        "datastore_fingerprint": fingerprint, "settings": settings, "built_on_gpu": on_gpu,
-        **quality, "train_seconds": train_seconds, "add_seconds": add_seconds,
+        "datastore_fingerprint": fingerprint, "settings": settings, **quality, **extra,
         "build_seconds": time.perf_counter() - t_start,
         "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path),
     }
-    log(f"index: {factory}: recall@{quality['recall_k']} = {quality['recall']:.4f}, "
-          f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s")
+    if extra.get("storage") == "disk":
+        fields["ivfdata_bytes"] = (index_dir / IVFDATA_FILE).stat().st_size
+    log(f"index: {factory} ({fields['storage']}): recall@{quality['recall_k']} = {quality['recall']:.4f}, "
+        f"{quality['search_qps']:.0f} queries/s, {fields['build_seconds']:.1f} s")
     return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharded build: quantizer trained once, shards added in parallel, merged (in RAM or on disk).
+# ---------------------------------------------------------------------------------------------
+
+TRAINED_FILE = "trained.faiss"
+IVFDATA_FILE = "index.ivfdata"
+
+
+def ivf_bytes(n: int, d: int, factory: str) -> int:
+    """Bytes of an IVF index's inverted lists (codes + 8-byte ids) for ``n`` keys of dimension ``d``."""
+    pq = re.search(r",PQ(\d+)(?:x(\d+))?", factory)
+    code = int(pq[1]) * int(pq[2] or 8) // 8 if pq else d * 4  # PQ m x nbits codes, else float32 vectors
+    return n * (code + 8)
+
+
+def choose_storage(n: int, d: int, factory: str, storage: str = IndexSettings.index_storage,
+                   ondisk_min_gb: float = IndexSettings.ondisk_min_gb) -> str:
+    """'ram' or 'disk' for an index: only IVF lists can live on disk; 'auto' puts them there above ``ondisk_min_gb``."""
+    if not factory.startswith("IVF"):
+        if storage == "disk":
+            raise MLPMemError(f"--index-storage disk needs an IVF index, but the factory is {factory!r}; use an IVF "
+                              "factory (or 'auto' on a datastore above --flat-max-rows) or --index-storage ram")
+        return "ram"
+    if storage != "auto":
+        return storage
+    return "disk" if ivf_bytes(n, d, factory) > ondisk_min_gb * (1 << 30) else "ram"
+
+
+def _shard_file(a: int, b: int) -> str:
+    return f"shard-{a:012d}-{b:012d}.faiss"  # named by rows: a resumed job with other ranks redoes only its own
+
+
+def _train_once(ds, index_dir: Path, factory: str, settings: dict, add_batch: int) -> float:
+    """Train the coarse quantizer (and PQ) once, on rank 0, and save the empty trained index; its seconds."""
+    path = index_dir / TRAINED_FILE
+    if path.exists():
+        return float(read_json(index_dir / "trained.json").get("train_seconds", 0.0))
+    index = new_index(ds.dim, factory)
+    seconds = _train_index(index, ds, factory, settings["train_samples"], settings["seed"], add_batch)
+    atomic_write_json(index_dir / "trained.json", {"train_seconds": seconds})
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return seconds
+
+
+def _add_shard(ds, index_dir: Path, a: int, b: int, add_batch: int) -> None:
+    """This rank's rows [a, b) added (with their global ids) to a copy of the trained index, saved as a shard."""
+    path = index_dir / _shard_file(a, b)
+    if path.exists() or a >= b:
+        return
+    index = faiss.read_index(str(index_dir / TRAINED_FILE))
+    with tqdm(total=b - a, desc="index add", unit="row", unit_scale=True) as bar:
+        for s in range(a, b, add_batch):
+            chunk = np.ascontiguousarray(ds.keys[s:min(b, s + add_batch)], dtype=np.float32)
+            index.add_with_ids(chunk, np.arange(s, s + len(chunk), dtype=np.int64))
+            bar.update(len(chunk))
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def _merge_shards(index_dir: Path, shards: list[Path], storage: str):
+    """The trained index holding every shard's lists, in shard order (= one process's add order)."""
+    index = faiss.read_index(str(index_dir / TRAINED_FILE))
+    if storage == "disk":
+        from faiss.contrib.ondisk import merge_ondisk
+
+        (index_dir / IVFDATA_FILE).unlink(missing_ok=True)  # a killed merge's partial file
+        merge_ondisk(index, [str(p) for p in shards], str(index_dir / IVFDATA_FILE))
+        return index
+    for p in shards:
+        index.merge_from(faiss.read_index(str(p)), 0)
+    return index
+
+
+def _build_sharded(ds, index_dir: Path, factory: str, settings: dict, fingerprint: str, storage: str,
+                   add_batch: int) -> dict:
+    """Every rank adds its row range to the quantizer trained once; rank 0 merges, measures and writes."""
+    t_start = time.perf_counter()
+    train_seconds = distributed.main_first(lambda: _train_once(ds, index_dir, factory, settings, add_batch))
+    parts = distributed.world_size()
+    spans = [distributed.span(ds.n, r, parts) for r in range(parts)]
+    t_add = time.perf_counter()
+    _add_shard(ds, index_dir, *spans[distributed.rank() if parts > 1 else 0], add_batch)
+    distributed.barrier()  # every shard is on disk
+    add_seconds = time.perf_counter() - t_add
+    if not distributed.is_main():
+        return {}  # rank 0 writes the manifest
+    with distributed.all_cores():
+        shards = [index_dir / _shard_file(a, b) for a, b in spans if a < b]
+        index = _merge_shards(index_dir, shards, storage)
+        fields = _measure_and_write(index, index, ds, index_dir, factory, settings, fingerprint,
+                                    {"built_on_gpu": False, "storage": storage, "train_seconds": train_seconds,
+                                     "add_seconds": add_seconds, "shards": [list(x) for x in spans],
+                                     "merge_seconds": time.perf_counter() - t_add - add_seconds}, t_start)
+    return fields
+
+
+def _remove_build_files(index_dir: Path) -> None:
+    """Shards and the trained quantizer, once the manifest is written (rank 0)."""
+    for p in [index_dir / TRAINED_FILE, index_dir / "trained.json", *index_dir.glob("shard-*.faiss")]:
+        p.unlink(missing_ok=True)
 
 
 def build_index(datastore_dir, index_dir, *, factory: str = IndexSettings.index_factory,
                 flat_max_rows: int = IndexSettings.flat_max_rows, train_samples: int = 200_000,
                 nprobe: int = IndexSettings.nprobe, recall_queries: int = 256, recall_k: int = 64,
                 use_gpu: bool = IndexSettings.use_gpu, seed: int = 0, add_batch: int = 65_536,
-                ivf_flat_max_bytes: int = IVF_FLAT_MAX_BYTES) -> dict:
-    """Build (or find already built) the FAISS index of a datastore's keys; returns its manifest."""
+                ivf_flat_max_bytes: int = IVF_FLAT_MAX_BYTES, storage: str = IndexSettings.index_storage,
+                ondisk_min_gb: float = IndexSettings.ondisk_min_gb) -> dict:
+    """Build (or find already built) the FAISS index of a datastore's keys; returns its manifest.
+
+    An IVF index is built in shards when there are several ranks (torchrun) or its lists go on disk
+    (``storage``): the quantizer is trained once on rank 0, each rank adds its contiguous row range
+    (global ids) to a copy, and rank 0 merges the shards in row order (in RAM with ``merge_from``,
+    or on disk with FAISS's ``merge_ondisk``), so the lists hold what one process's adds would.
+    A Flat index is built by rank 0 alone.
+    """
     ds = open_datastore(datastore_dir)
     index_dir = Path(index_dir)
     if ds.n == 0:
         raise MLPMemError(f"datastore at {datastore_dir} is empty; nothing to index")
     resolved = (choose_factory(ds.n, ds.dim, flat_max_rows, train_samples, ivf_flat_max_bytes) if factory == "auto"
                 else factory)
+    where = choose_storage(ds.n, ds.dim, resolved, storage, ondisk_min_gb)
     settings = {"factory": resolved, "factory_requested": factory, "train_samples": int(train_samples),
                 "nprobe": int(nprobe), "recall_queries": int(recall_queries), "recall_k": int(recall_k),
-                "seed": int(seed)}
+                "seed": int(seed), **({"storage": "disk"} if where == "disk" else {})}
     fingerprint = sha256_json(ds.manifest)
     stage = Stage(index_dir, {"datastore_fingerprint": fingerprint, **settings}, "index",
                   view=lambda m: {"datastore_fingerprint": m.get("datastore_fingerprint"), **m.get("settings", {})})
-    return run_stage(stage, lambda: _build_index_files(ds, index_dir, resolved, settings, fingerprint, use_gpu,
-                                                       add_batch))
+    sharded = resolved.startswith("IVF") and (where == "disk" or distributed.world_size() > 1) and not use_gpu
+    if not sharded:
+        return run_stage(stage, lambda: _build_index_files(ds, index_dir, resolved, settings, fingerprint, use_gpu,
+                                                           add_batch))
+    manifest = run_stage(stage, lambda: _build_sharded(ds, index_dir, resolved, settings, fingerprint, where,
+                                                       add_batch), parallel=True)
+    if distributed.is_main():
+        _remove_build_files(index_dir)
+    return manifest
 
 
 def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | None = None,
@@ -307,8 +438,11 @@ def load_index(index_dir, datastore_manifest: dict | None = None, nprobe: int | 
     if datastore_manifest is not None and sha256_json(datastore_manifest) != manifest.get("datastore_fingerprint"):
         raise MLPMemError(f"index at {index_dir} was built from a different datastore than the one given; "
                           "rebuild the index for this datastore (or point to the matching one)")
-    try:
-        index = faiss.read_index(str(path))
+    ondisk = manifest.get("storage") == "disk"
+    if ondisk:
+        check_file_size(index_dir / IVFDATA_FILE, int(manifest["ivfdata_bytes"]), "index")
+    try:  # on disk: the lists file is found beside the index file wherever the run folder now is, and mmapped
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR) if ondisk else faiss.read_index(str(path))
     except (RuntimeError, MemoryError, ValueError) as e:
         first = (str(e).strip().splitlines() or ["unreadable"])[-1][:200]
         raise MLPMemError(f"index file {path} is corrupted ({first}); "

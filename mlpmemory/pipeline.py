@@ -31,6 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from . import distributed
 from .config import Config
 from .errors import MLPMemError
 from .io import atomic_write_json, check_fields, is_complete, read_json, read_manifest, sha256_json, write_manifest
@@ -77,13 +78,16 @@ class Run:
         gc.collect()
 
     def timed(self, stage: str, fn):
-        """Run a stage; its build time is kept in timings.json so later summaries still show it."""
+        """Run a stage; its build time is kept in timings.json so later summaries still show it.
+
+        Under torchrun every rank runs it; rank 0 (which finishes last: it writes the manifest) records it.
+        """
         done = is_complete(self.path(stage))
         t = time.perf_counter()
         result = fn()
         timings_path = self.dir / "timings.json"
         timings = read_json(timings_path) if timings_path.exists() else {}
-        if not done:
+        if not done and distributed.is_main():
             timings[stage] = round(time.perf_counter() - t, 2)
             atomic_write_json(timings_path, timings)
         self.timings[stage] = timings.get(stage, 0.0)
@@ -152,7 +156,8 @@ def stage_index(run: Run) -> dict:
     stage_datastore(run)  # a no-op when complete, but it checks the current settings against it
     return run.timed(INDEX, lambda: build_index(run.path(DATASTORE), run.path(INDEX), factory=x.index_factory,
                                                 flat_max_rows=x.flat_max_rows, nprobe=x.nprobe, use_gpu=x.use_gpu,
-                                                ivf_flat_max_bytes=int(x.ivf_flat_max_gb * (1 << 30))))
+                                                ivf_flat_max_bytes=int(x.ivf_flat_max_gb * (1 << 30)),
+                                                storage=x.index_storage, ondisk_min_gb=x.ondisk_min_gb))
 
 
 def stage_targets(run: Run) -> dict:
@@ -319,8 +324,7 @@ def stage_eval(run: Run, eval_text: str | None = None) -> dict:
     ``eval_text`` (an invocation option, never a run setting) scores that text instead of the
     held-out test half; its report goes to ``eval_text/<text fingerprint>/``, never to ``eval/``.
     """
-    from .datastore import open_datastore
-    from .evaluate import build_eval_dir, evaluate_ppl, memory_dir_fingerprint
+    from .evaluate import build_eval_dir
 
     stage_train(run)
     test_dir, token_path, start, n, identity, out = _test_text(run, eval_text)
@@ -330,6 +334,15 @@ def stage_eval(run: Run, eval_text: str | None = None) -> dict:
         return build_eval_dir(run.lm, token_path, n, test_dir, identity=identity, token_start=start,
                               mem_site=run.cfg.datastore.mem_site, **_window_args(run))
     base_pass() if eval_text else run.timed(EVAL_TEST, base_pass)  # an eval text's times stay out of the run's
+    # the LM pass above is split over ranks (a datastore build); the scoring and the report are rank 0's
+    return distributed.main_first(lambda: _eval_report(run, eval_text, test_dir, token_path, out))
+
+
+def _eval_report(run: Run, eval_text: str | None, test_dir: Path, token_path: Path, out: Path) -> dict:
+    """Score every system on the validation slice and the test text; write (or find) the report in ``out``."""
+    from .datastore import open_datastore
+    from .evaluate import evaluate_ppl, memory_dir_fingerprint
+
     retriever, rag_settings = _rag_setup(run)
     for scored in (run.path(TUNE), test_dir):  # their stored log-probs are small: checked even when reused
         open_datastore(scored, "eval dir", check=("lm_logprob",))
@@ -404,7 +417,8 @@ def summarize(run: Run) -> dict:
         "settings": run.cfg.to_dict(),
     }
     path = run.dir / "results.json"
-    if not path.is_file() or path.read_text() != json.dumps(results, indent=2, sort_keys=True) + "\n":
+    if distributed.is_main() and (not path.is_file()
+                                  or path.read_text() != json.dumps(results, indent=2, sort_keys=True) + "\n"):
         atomic_write_json(path, results)  # (unchanged: not rewritten, so a finished read-only run still reports)
     return results
 

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .errors import MLPMemError
 from .io import (
     MANIFEST,
@@ -120,13 +121,25 @@ class Stage:
 
 
 def run_stage(stage: Stage, build: Callable[[], dict | None],
-              verify: Callable[[dict], bool] | None = None) -> dict:
+              verify: Callable[[dict], bool] | None = None, parallel: bool = False) -> dict:
     """Return the stage's finished manifest, building (or resuming) it under the stage lock first if needed.
 
     ``build`` writes the stage's files and returns the manifest fields (None: it stopped early
     without finishing, and ``{}`` is returned). ``verify`` may look at a complete, matching build
     and return False to have it rebuilt (e.g. a truncated file).
+
+    Under torchrun (:mod:`mlpmemory.distributed`): a ``parallel`` stage runs ``build`` on every
+    rank (each writes its own part; rank 0 holds the lock and writes the manifest once all are
+    done); any other stage is built by rank 0 while the others wait, then found complete by them.
     """
+    if not distributed.is_distributed():
+        return _run_stage_here(stage, build, verify)
+    if not parallel:
+        return distributed.main_first(lambda: _run_stage_here(stage, build, verify))
+    return _run_stage_parallel(stage, build, verify)
+
+
+def _run_stage_here(stage: Stage, build, verify) -> dict:
     found = _reusable(stage, verify)
     if found is not None:
         return found
@@ -138,6 +151,31 @@ def run_stage(stage: Stage, build: Callable[[], dict | None],
         stage.sweep_temporaries()
         fields = build()
         return {} if fields is None else stage.finish(fields)
+
+
+def _run_stage_parallel(stage: Stage, build, verify) -> dict:
+    from contextlib import nullcontext
+
+    found = _reusable(stage, verify)  # every rank decides alike: nothing is written before the barrier below
+    distributed.barrier()
+    if found is not None:
+        return found
+    main = distributed.is_main()
+    with stage.lock() if main else nullcontext():  # rank 0's lock keeps other jobs out
+        if main:
+            found = _reusable(stage, verify)
+            if found is None:
+                stage.dir.mkdir(parents=True, exist_ok=True)
+                stage.sweep_temporaries()
+        if distributed.broadcast_flag(found is not None):  # another job finished it while rank 0 waited
+            return found if main else _reusable(stage, verify)
+        fields = build()
+        distributed.barrier()  # every rank's part is on disk
+        manifest = stage.finish(fields) if main and fields is not None else None
+        distributed.barrier()
+    if fields is None:
+        return {}
+    return manifest if main else read_json(stage.dir / MANIFEST)
 
 
 def _reusable(stage: Stage, verify) -> dict | None:

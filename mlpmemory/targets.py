@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TargetsSettings
 from .datastore import open_datastore
 from .errors import MLPMemError
@@ -262,20 +263,27 @@ def _shard_arrays(index, ds, a: int, b: int, batch: int, k: int, t: float, min_p
 
 def _fill_shards(stage: Stage, index_dir, ds, heldout, k: int, temperature, min_prob: float, shard_rows: int,
                  batch: int, nprobe) -> dict:
-    """Compute every missing shard (a killed run resumes at the first one); returns the manifest fields."""
+    """Compute every missing shard (a killed run resumes them); returns the manifest fields.
+
+    Under torchrun the missing shards are split into contiguous runs, one per rank; each rank
+    searches its rows against the whole index (memory-mapped when on disk) and writes its own
+    shards. A shard's rows do not depend on the ranks, so the files are those of one process.
+    """
     targets_dir, n, settings = stage.dir, ds.n, stage.identity
     index, _ = load_index(index_dir, ds.manifest, nprobe=nprobe, verify_sha256=True)
-    plan = _plan(stage, index, ds, heldout, k, temperature, min_prob)
+    plan = distributed.main_first(lambda: _plan(stage, index, ds, heldout, k, temperature, min_prob))
     t_final = float(plan["temperature"])
     n_shards = (n + shard_rows - 1) // shard_rows
-    with tqdm(total=n, desc="knn targets", unit="row", unit_scale=True) as bar:
-        for s in range(n_shards):
+    missing = [s for s in range(n_shards) if not (targets_dir / f"shard_{s:05d}").is_dir()]
+    distributed.barrier()  # every rank has listed the missing shards before any is written
+    mine = distributed.my_share(missing)
+    rows = sum(b - a for a, b in (_shard_span(s, n, shard_rows) for s in mine))
+    with tqdm(total=rows, desc="knn targets", unit="row", unit_scale=True) as bar:
+        for s in mine:
             a, b = _shard_span(s, n, shard_rows)
-            if (targets_dir / f"shard_{s:05d}").is_dir():
-                bar.update(b - a)
-                continue
             arrays, nnz, search_s = _shard_arrays(index, ds, a, b, batch, k, t_final, min_prob, bar)
             _write_shard(targets_dir, s, arrays, {"start": a, "end": b, "nnz": nnz, "search_seconds": search_s})
+    distributed.barrier()  # every shard is on disk
     infos = [read_json(targets_dir / f"shard_{s:05d}" / "shard.json") for s in range(n_shards)]
     recorded = {f"shard_{s:05d}/{name}": rec for s, info in enumerate(infos)
                 for name, rec in (info.get("checksums") or {}).items()}  # the rest are hashed by Stage.finish
@@ -322,7 +330,7 @@ def build_targets(datastore_dir, index_dir, targets_dir, *, heldout_dir=None, k:
         settings["heldout_fingerprint"] = sha256_json(heldout.manifest)
     stage = Stage(targets_dir, settings, "targets", view=lambda m: m.get("settings", {}), files=shard_files)
     return run_stage(stage, lambda: _fill_shards(stage, index_dir, ds, heldout, k, temperature, min_prob, shard_rows,
-                                                 batch, eff_nprobe))
+                                                 batch, eff_nprobe), parallel=True)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -30,12 +30,14 @@ import os
 import shutil
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .config import TrainSettings
 from .errors import MLPMemError
 from .io import atomic_path, atomic_write_json, read_json, remove_path, sha256_json
@@ -190,6 +192,38 @@ def _step_loss(memory, x, offsets, ids, probs, nxt, alpha: float, device, amp):
                              alpha=alpha, compute_dtype=amp or weight.dtype)
 
 
+class _Objective(torch.nn.Module):
+    """The training objective as a module, so DDP can wrap it (its hooks average the gradients over ranks)."""
+
+    def __init__(self, memory):
+        super().__init__()
+        self.memory = memory
+
+    def forward(self, x, offsets, ids, probs, nxt, alpha: float, device, amp):
+        return _step_loss(self.memory, x, offsets, ids, probs, nxt, alpha, device, amp)
+
+
+def _objective(memory, device: torch.device):
+    """``_step_loss`` for one process; under torchrun the same objective wrapped in DDP."""
+    if not distributed.is_distributed():
+        return partial(_step_loss, memory)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(_Objective(memory), device_ids=ids)  # also broadcasts rank 0's weights
+
+
+def _local_rows(rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """This rank's slice of a global batch, and the weight of its mean loss in the global mean.
+
+    DDP averages gradients over ranks, so a rank's loss is scaled by its rows * ranks / global rows:
+    the result is the gradient of the global batch's mean loss, as in one process, also when the
+    batch does not divide evenly.
+    """
+    a, b = distributed.span(len(rows))
+    return rows[a:b], (b - a) * distributed.world_size() / max(1, len(rows))
+
+
 def _save_checkpoint(out: Path, memory, optimizer, state: dict) -> None:
     """Weights, AdamW moments and the step, swapped in atomically (the previous one kept as .old until then)."""
     final, old = out / CHECKPOINT, out / (CHECKPOINT + ".old")
@@ -250,7 +284,8 @@ def _resume_state(stage: Stage, memory, optimizer, fingerprint: str) -> dict:
     out = stage.dir
     loaded = _load_checkpoint(out, memory, optimizer)
     if loaded is None:  # a fresh start: snapshots of an earlier, other training are stale
-        shutil.rmtree(out / "snapshots", ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(out / "snapshots", ignore_errors=True)
         return {"step": 0, "fingerprint": fingerprint, "log": []}
     if loaded.get("fingerprint") != fingerprint:
         raise stage.mismatch_error(f"training_fingerprint={loaded.get('fingerprint')!r} but now "
@@ -261,21 +296,24 @@ def _resume_state(stage: Stage, memory, optimizer, fingerprint: str) -> dict:
 def _train_step(memory, optimizer, inputs, targets, rows, step: int, plan: dict, s: TrainSettings, device, amp,
                 out: Path) -> dict:
     """One optimizer step on ``rows``; its loss terms, gradient norm and learning rate."""
+    rows, weight = _local_rows(rows)
     offsets, ids, probs, nxt = targets.get(rows)
     x = inputs(rows).to(device)
     for g in optimizer.param_groups:
         g["lr"] = lr_at(step, plan["total"], s)
-    loss, kl, ce = _step_loss(memory, x, offsets, ids, probs, nxt, s.alpha, device, amp)
+    loss, kl, ce = plan["objective"](x, offsets, ids, probs, nxt, s.alpha, device, amp)
     if not torch.isfinite(loss):
         kept = (f"the last good checkpoint (step {(step // s.checkpoint_every) * s.checkpoint_every}) is kept in "
                 f"{out / CHECKPOINT}")
         _check_batch_data(inputs, targets, rows, x, probs, kept)  # corrupted data is not a learning-rate problem
         raise MLPMemError(f"training loss became {loss.item()} at step {step}; {kept}; lower --lr or check the targets")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight if weight != 1.0 else loss).backward()
     gnorm = torch.nn.utils.clip_grad_norm_(memory.parameters(), s.grad_clip)
     optimizer.step()
-    return {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "grad_norm": float(gnorm),
+    share = weight / distributed.world_size()  # the global batch's mean of each term
+    loss_v, kl_v, ce_v = distributed.all_reduce_sum([loss.item() * share, kl.item() * share, ce.item() * share])
+    return {"step": step + 1, "loss": loss_v, "kl": kl_v, "ce": ce_v, "grad_norm": float(gnorm),
             "lr": optimizer.param_groups[0]["lr"]}
 
 
@@ -311,7 +349,8 @@ def _snapshot(memory, inputs, targets, plan: dict, state: dict, s: TrainSettings
     """Save the weights at this step with their validation loss (recorded in ``state``)."""
     snap = {"step": state["step"], "rows_seen": state["step"] * plan["batch"],
             "validation": evaluate_loss(memory, inputs, targets, plan["val_rows"], s.alpha, device, amp)}
-    memory.save_pretrained(snapshot_dir(out, state["step"]))
+    if distributed.is_main():
+        memory.save_pretrained(snapshot_dir(out, state["step"]))
     state["snapshots"] = [x for x in state.get("snapshots", []) if x["step"] != snap["step"]] + [snap]
 
 
@@ -342,7 +381,9 @@ def _train_loop(memory, optimizer, inputs, targets, plan: dict, state: dict, s: 
                 t0 += time.perf_counter() - tick  # keep rows/s about training only
             if state["step"] % s.checkpoint_every == 0 or state["step"] == total or state["step"] in snap_steps:
                 state["log"].append(last)
-                _save_checkpoint(out, memory, optimizer, state)
+                if distributed.is_main():  # every rank holds the same weights and moments
+                    _save_checkpoint(out, memory, optimizer, state)
+                distributed.barrier()  # no rank runs ahead of the last durable checkpoint
     finally:
         bar.close()
     return {"last": last, "rows_done": rows_done, "loop_seconds": time.perf_counter() - t0}
@@ -358,6 +399,7 @@ def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, d
     memory.to(device).train()
     optimizer = _make_optimizer(memory, s, device)
     state = _resume_state(stage, memory, optimizer, fingerprint)
+    plan["objective"] = _objective(memory, device)
     amp = autocast_dtype(s.autocast, device)
     flops_per_row = 6 * sum(p.numel() for p in memory.parameters())  # forward + backward, dense matmuls
     peak = measure_matmul_peak(device, amp) if state["step"] < plan["total"] else None
@@ -368,7 +410,8 @@ def _train(memory, datastore, targets, stage: Stage, s: TrainSettings, inputs, d
     memory.zero_grad(set_to_none=True)
     val = evaluate_loss(memory, inputs, targets, plan["val_rows"], s.alpha, device, amp)
     memory.eval()
-    memory.save_pretrained(out)
+    if distributed.is_main():
+        memory.save_pretrained(out)
     rows_per_s = run["rows_done"] / run["loop_seconds"] if run["rows_done"] else None
     return {
         "training_fingerprint": fingerprint, "settings": asdict(s), "steps": plan["total"], "batch_rows": plan["batch"],
@@ -411,8 +454,10 @@ def train_memory(memory, datastore, targets, out_dir: str | os.PathLike, setting
     stage = Stage(out_dir, {"training_fingerprint": fingerprint}, "memory", on_mismatch="rebuild",
                   files=_memory_files)
     manifest = run_stage(stage, lambda: _train(memory, datastore, targets, stage, s, inputs, torch.device(device),
-                                               progress, identity, stop_after_steps, snapshots, init_check))
-    if manifest:  # the checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run
+                                               progress, identity, stop_after_steps, snapshots, init_check),
+                         parallel=True)  # DDP under torchrun
+    # the checkpoint (weights + AdamW moments, ~3x the memory's size) only serves an unfinished run
+    if manifest and distributed.is_main():
         shutil.rmtree(stage.dir / CHECKPOINT, ignore_errors=True)
     return manifest
 

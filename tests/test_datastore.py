@@ -111,20 +111,20 @@ def test_resume_after_kill9_gives_identical_files(tiny_llama, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(args + [str(killed)], env=env)
     deadline = time.time() + 120
-    while not (killed / "progress.json").exists() and time.time() < deadline and proc.poll() is None:
+    while not (killed / "progress-rank0.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists(), "the build finished before it could be interrupted"
-    done = json.loads((killed / "progress.json").read_text())["batches_done"]
-    assert done >= 1
+    done = json.loads((killed / "progress-rank0.json").read_text())["done"]
+    assert done and done[0][0] == 0 and done[0][1] >= 1
     with pytest.raises(MLPMemError, match="no manifest"):
         open_datastore(killed)
     subprocess.run(args + [str(killed)], check=True, env=env)
     for name in ("keys.f16", "values.i32", "mem_inputs.f16"):
         assert (killed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
-    assert not (killed / "progress.json").exists()
+    assert not (killed / "progress-rank0.json").exists()
     a = json.loads((killed / "manifest.json").read_text())
     b = json.loads((tmp_path / "clean" / "manifest.json").read_text())
     assert a == b

@@ -90,7 +90,7 @@ def check_writable(path: str | Path, what: str, flag: str) -> None:
 
 def main(command: str, args: dict) -> None:
     """Run stage ``command`` with the parsed flags ``args`` (preset, config file, settings, eval-ppl options)."""
-    from .. import pipeline
+    from .. import distributed, pipeline
     from ..models import resolve_device
 
     preset, config_file = args.pop("preset", None), args.pop("config", None)
@@ -110,11 +110,13 @@ def main(command: str, args: dict) -> None:
     resolve_device(run.cfg.run.device)  # a device this machine lacks is refused before it is saved
     previous = (run.dir / "config.json").read_bytes() if (run.dir / "config.json").is_file() else None
     changed = run.cfg.to_dict() != base_raw(args["run_dir"])
+    distributed.barrier()  # every rank has read the saved settings before rank 0 replaces them
+    changed = changed and distributed.is_main()  # one writer per job
     if changed:  # unchanged settings: nothing to write (read-only runs work)
         check_writable(run.dir, "run directory", "--run-dir")
         run.save_config()
     try:
-        _dispatch(command, run, eval_text)
+        _dispatch(command, run, eval_text, show=distributed.is_main())
     except MLPMemError:
         if changed:  # settings a finished stage refused (e.g. another --block) must not become the run's
             if previous is None:
@@ -124,21 +126,28 @@ def main(command: str, args: dict) -> None:
         raise
 
 
-def _dispatch(command: str, run, eval_text: str | None) -> None:
+def _dispatch(command: str, run, eval_text: str | None, show: bool = True) -> None:
     from .. import pipeline
 
     if command == "run":
         results = pipeline.run_all(run)
+        if not show:
+            return
         print(pipeline.format_table(results))
         print(f"\nresults: {run.dir / 'results.json'}")
     elif command == "eval-ppl":
         from ..evaluate import format_ppl_table
 
-        print(format_ppl_table(pipeline.stage_eval(run, eval_text=eval_text)))
+        result = pipeline.stage_eval(run, eval_text=eval_text)
+        if not show:
+            return
+        print(format_ppl_table(result))
         where = pipeline.EVAL_TEXT if eval_text else pipeline.EVAL
         print(f"eval-ppl: complete; report in {run.dir / where}")
     else:
         manifest = getattr(pipeline, f"stage_{command}")(run)
+        if not show:
+            return
         print(f"{command}: complete in {run.path(command if command != 'train' else 'memory')}")
         _print_brief(manifest)
 
