@@ -44,6 +44,10 @@ TOOL_COMMANDS = {
 }
 
 
+# tool commands whose work is split over torchrun ranks (the others run on one process)
+RANKED_TOOLS = {"eval-qa"}
+
+
 def _arg_type(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(tp) if a is not type(None))
@@ -87,9 +91,7 @@ def _add_stage_parser(sub, name: str) -> None:
                         + ("; default: quick for a new run, the saved settings for an existing one"
                            if name == "run" else ""))
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with run settings (flags override it)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="run the heavy stages on N local processes (launches torchrun; each takes cores/N threads). "
-                        "For several machines call `torchrun ... -m mlpmemory` yourself (docs/scale.md). Not saved")
+    _nproc_arg(p)
     _verbosity_args(p)
     for group in STAGE_READS[name]:
         add_dataclass_args(p, GROUPS[group], f"{group} settings")
@@ -97,11 +99,19 @@ def _add_stage_parser(sub, name: str) -> None:
         add_dataclass_args(p, EvalPplOptions, "this invocation only (not saved)")
 
 
+def _nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="split the heavy work over N local processes (launches torchrun; each takes cores/N threads). "
+                        "For several machines call `torchrun ... -m mlpmemory` yourself (docs/scale.md). Not saved")
+
+
 def _add_tool_parser(sub, name: str, selected: bool) -> None:
     module, help_text = TOOL_COMMANDS[name]
     p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     if selected:  # a tool module is imported only when its command runs
         add_dataclass_args(p, importlib.import_module(module).Options, f"{name} options (not saved)")
+    if name in RANKED_TOOLS:
+        _nproc_arg(p)
     _verbosity_args(p)
     add_dataclass_args(p, GROUPS["run"], "run settings (default: the run's saved ones)")
 

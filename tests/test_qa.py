@@ -327,6 +327,29 @@ def test_eval_qa_end_to_end_noop_and_resume(tiny_run, capsys):
     assert json.loads((qa_dir / "qa.json").read_text())["settings"]["rag_n"] == 2
 
 
+def test_eval_qa_on_two_ranks_equals_one_process(tiny_run):
+    """`eval-qa --nproc 2` (a real torchrun, gloo): questions split over the ranks, answers merged in question order."""
+    import os
+    import subprocess
+    import sys
+
+    d, run, texts = tiny_run
+    argv = ["eval-qa", "--run-dir", str(run), "--qa-data", str(_qa_file(d, texts)), "--qa-limit", "5", "--qa-dev", "4",
+            "--few-shot", "1", "--latency-questions", "0", "--qa-max-tokens", "3", "--qa-batch", "1",
+            "--qa-systems", "base,memory,knn_lm"]
+    assert main([*argv, "--qa-name", "one"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLPMEM_DIST_TIMEOUT_MIN": "5"}
+    done = subprocess.run([sys.executable, "-m", "mlpmemory", *argv, "--qa-name", "two", "--nproc", "2", "-q"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = run / "qa" / "one", run / "qa" / "two"
+    for system in ("base", "memory", "knn_lm"):
+        assert (one / f"predictions.{system}.jsonl").read_text() == (two / f"predictions.{system}.jsonl").read_text()
+    assert not list(two.glob("*.rank*.jsonl"))  # the ranks' part files are merged away
+    a, b = (json.loads((x / "qa.json").read_text()) for x in (one, two))
+    assert a["systems"] == b["systems"] and a["lambda_selection"]["chosen"] == b["lambda_selection"]["chosen"]
+
+
 def test_eval_qa_bad_options(tiny_run, capsys):
     d, run, _ = tiny_run
     assert main(["eval-qa", "--run-dir", str(run), "--qa-systems", "base,bogus"]) == 2

@@ -37,10 +37,12 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..config import opt
 from ..errors import MLPMemError
 from ..io import atomic_write_json, check_name, read_json, read_manifest, sha256_json
@@ -415,10 +417,12 @@ def _accuracy(lm, out: Path, common: dict, report: list, systems: dict, lam: dic
     for name, system in systems.items():
         pkey = sha256_json({**common, "system": name, "lambda": lam.get(name), "max_tokens": opts.qa_max_tokens,
                             "rag": [opts.rag_n, opts.rag_template] if system.transforms_prompt else None})
-        path = _start_file(out, name, pkey)
-        done = read_predictions(path)
-        todo = [(it, g) for it, g in report if it["id"] not in done]
-        bar = tqdm(total=len(report), initial=len(report) - len(todo), desc=f"qa {name}", unit="q", file=sys.stderr)
+        path = distributed.main_first(partial(_start_file, out, name, pkey))
+        done = {**read_predictions(path), **_read_parts(path)}
+        distributed.barrier()  # every rank has read what is done before any rank writes
+        todo = distributed.my_share([(it, g) for it, g in report if it["id"] not in done])
+        part = _part_file(path, distributed.rank()) if distributed.world_size() > 1 else path
+        bar = tqdm(total=len(todo), desc=f"qa {name}", unit="q", file=sys.stderr)
         for b in range(0, len(todo), opts.qa_batch):
             batch = todo[b:b + opts.qa_batch]
             prompts, found, _ = prompts_for([it for it, _ in batch], system)
@@ -426,12 +430,40 @@ def _accuracy(lm, out: Path, common: dict, report: list, systems: dict, lam: dic
                              batch_size=opts.qa_batch, system=system, lam=lam.get(name, 0.0)).texts
             rows = [_score_row(it, g, t.strip(), **({"passages": [p.doc_id for p in f]} if f else {}))
                     for (it, g), t, f in zip(batch, texts, found)]
-            _append(path, rows)
+            _append(part, rows)
             done.update((r["id"], r) for r in rows)
             bar.update(len(batch))
         bar.close()
+        distributed.barrier()  # every rank's answers are on disk
+        done = distributed.main_first(partial(_merge_parts, path, report))
         rows_by_system[name] = [done[it["id"]] for it, _ in report]
     return rows_by_system
+
+
+def _part_file(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}.jsonl")
+
+
+def _read_parts(path: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for part in sorted(path.parent.glob(_part_file(path, 0).name.replace("rank0", "rank*"))):
+        rows.update(read_predictions(part))
+    return rows
+
+
+def _merge_parts(path: Path, report: list) -> dict[str, dict]:
+    """The answers of every rank (under torchrun each writes its own part file) appended to the system's file
+    in question order, so the file does not depend on the ranks; the merged rows by id."""
+    done = read_predictions(path)
+    parts = {**_read_parts(path)}
+    new = [parts[it["id"]] for it, _ in report if it["id"] not in done and it["id"] in parts]
+    if new and distributed.is_main():
+        _append(path, new)
+        done.update((r["id"], r) for r in new)
+    if distributed.is_main():
+        for part in path.parent.glob(_part_file(path, 0).name.replace("rank0", "rank*")):
+            part.unlink()
+    return done if distributed.is_main() else read_predictions(path)
 
 
 def _latency_one(lm, system, lam: float, items: list[dict], prompts_for, opts: Options) -> dict:
@@ -497,15 +529,19 @@ def main(run, opts: Options) -> None:
     qa_json = out / "qa.json"
     if qa_json.exists() and read_json(qa_json).get("inputs") == key and all(
             {it["id"] for it, _ in report} <= set(read_predictions(out / f"predictions.{s}.jsonl")) for s in names_):
+        if not distributed.is_main():
+            return
         print(format_table(read_json(qa_json)))
         print(f"\nqa: already complete ({qa_json})")
         return
 
     lm = run.lm
     systems = _load_systems(run, names_, opts)
-    lam = _dev_lambdas(lm, out, dev_key, dev, shots, systems, opts)
+    lam = distributed.main_first(lambda: _dev_lambdas(lm, out, dev_key, dev, shots, systems, opts))
     prompts_for = _Prompter(lm, shots, opts)
     rows_by_system = _accuracy(lm, out, common, report, systems, lam, prompts_for, opts)
+    if not distributed.is_main():
+        return  # the latency (one process, all cores) and the report are rank 0's
     lat_items = [it for it, _ in report][:opts.latency_questions]
     latency = {name: _latency_one(lm, s, lam.get(name, 0.0), lat_items, prompts_for, opts)
                for name, s in systems.items()} if lat_items else {}
