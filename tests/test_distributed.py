@@ -173,3 +173,27 @@ def test_a_killed_rank_resumes_its_shard_to_identical_files(two_runs, tiny_llama
     for name in ("keys.f16", "values.i32"):
         assert ((tmp_path / "killed" / "datastore" / name).read_bytes()
                 == (tmp_path / "reference" / "datastore" / name).read_bytes()), name
+
+
+def test_a_killed_ddp_training_resumes_from_its_checkpoint(two_runs, tiny_llama, tmp_path):
+    import shutil
+
+    _, two = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(two, run, ignore=shutil.ignore_patterns("memory", "eval*", "results.json", ".*.lock"))
+    args = ["train", *tiny_run_args(run, tiny_llama.path, two.parent / "docs.jsonl", *SETTINGS[:-1])]
+    proc = _mlpmem(*args, "--nproc", "2", "-q", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "memory" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None and state.exists(), "no checkpoint was written"
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert not (run / "memory" / "manifest.json").exists(), "training finished before it could be interrupted"
+    _run_2_ranks(*args)
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(two / "memory" / "model.safetensors")), load_file(str(run / "memory" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the same 2-rank training, interrupted or not
