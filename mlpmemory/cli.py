@@ -157,8 +157,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``mlpmem <stage> --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m mlpmemory <stage> ...``."""
-    import subprocess
+    """``mlpmem <command> --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m mlpmemory <command> ...``.
+
+    torchrun runs in this process (its ``run`` function); a failed rank prints its own one-line
+    error, and this returns its exit status instead of torchrun's traceback.
+    """
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from . import distributed
 
     rest, skip = [], False
     for a in argv:  # the same command line without --nproc
@@ -168,9 +177,16 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "mlpmemory", *rest]
-    return subprocess.call(cmd)
+    os.environ.setdefault("OMP_NUM_THREADS", str(distributed.threads_per_rank(nproc)))  # else torchrun sets 1
+    os.environ.setdefault("LOGLEVEL", "ERROR")  # torchrun's own start-up warnings
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "mlpmemory", *rest]))
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        print(f"mlpmem: error: {len(e.failures)} of {nproc} ranks stopped (first: exit status {code}); "
+              "see their messages above", file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
 
 
 def _guarded(fn, run_dir: str | None = None) -> int:
@@ -232,8 +248,11 @@ def write_failure(e: BaseException, run_dir: str | None = None) -> MLPMemError |
 
 def _tool_main(command: str, args: dict) -> None:
     """Run a tool command on a run directory: run settings from the run, its own options from flags."""
-    from . import pipeline
+    from . import distributed, pipeline
 
+    if distributed.launched() and command not in RANKED_TOOLS:
+        raise MLPMemError(f"`mlpmem {command}` runs on one process; run it without torchrun (commands that split "
+                          f"their work over ranks: the stages and {', '.join(sorted(RANKED_TOOLS))})")
     module = importlib.import_module(TOOL_COMMANDS[command][0])
     own = {f.name for f in fields(module.Options)}
     opts = module.Options(**{k: v for k, v in args.items() if k in own})

@@ -73,12 +73,12 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched() else 1
 
 
-def threads_per_rank() -> int:
+def threads_per_rank(local_ranks: int | None = None) -> int:
     """Threads for torch and FAISS in each rank: this node's cores shared by this node's ranks."""
     if os.environ.get(ENV_THREADS):
         return max(1, int(os.environ[ENV_THREADS]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world_size())
+    return max(1, cores // (local_ranks or local_world_size()))
 
 
 def set_threads(n: int) -> None:
@@ -97,7 +97,7 @@ def init() -> None:
     import torch.distributed as dist
 
     if int(os.environ.get("RANK", "0")) != 0:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # one progress bar per job, rank 0's
+        _silence_progress_bars()
     if not dist.is_initialized():
         minutes = float(os.environ.get(ENV_TIMEOUT_MIN, DEFAULT_TIMEOUT_MIN))
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -105,6 +105,20 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     set_threads(threads_per_rank())
+
+
+def _silence_progress_bars() -> None:
+    """One progress bar per job, rank 0's: every tqdm bar of this process is created disabled (call sites
+    pass ``disable=...`` themselves, which would override tqdm's TQDM_DISABLE environment default)."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled
 
 
 def shutdown() -> None:
