@@ -162,3 +162,46 @@ def test_load_fingerprint_mismatch(flat, tmp_path):
         load_index(root / "idx", other.manifest)
     with pytest.raises(MLPMemError):
         load_index(tmp_path / "nothing_here")
+
+
+def test_storage_rule_and_list_bytes():
+    from mlpmemory.index import choose_storage, ivf_bytes
+
+    assert ivf_bytes(1000, 576, "IVF1024,PQ64x8") == 1000 * (64 + 8)
+    assert ivf_bytes(1000, 576, "IVF1024,PQ32") == 1000 * (32 + 8)
+    assert ivf_bytes(1000, 576, "IVF1024,Flat") == 1000 * (576 * 4 + 8)
+    gib = 1 << 30
+    assert choose_storage(gib // 72, 576, "IVF65536,PQ64x8", "auto", 1.0) == "ram"  # exactly 1 GiB of lists
+    assert choose_storage(gib // 72 + 1, 576, "IVF65536,PQ64x8", "auto", 1.0) == "disk"
+    assert choose_storage(10**9, 576, "Flat", "auto", 1.0) == "ram"  # only IVF lists can live on disk
+    assert choose_storage(10, 576, "IVF8,Flat", "disk") == "disk"
+    with pytest.raises(MLPMemError, match="needs an IVF index"):
+        choose_storage(10, 576, "Flat", "disk")
+
+
+def test_on_disk_index_equals_the_in_ram_one_and_moves_with_its_folder(tmp_path):
+    """Shards merged with FAISS's merge_ondisk into memory-mapped lists: the same search results, bit for bit,
+    as the index built in RAM by sequential adds; the lists file is found beside the index after a move."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(32, 16)).astype(np.float32)
+    keys = (centres[rng.integers(0, 32, 6000)] + 0.3 * rng.normal(size=(6000, 16))).astype(np.float16)
+    write_datastore_arrays(tmp_path / "ds", keys, rng.integers(0, 50, 6000))
+    ram = build_index(tmp_path / "ds", tmp_path / "ram", factory="IVF32,PQ4x8", storage="ram", train_samples=6000)
+    disk = build_index(tmp_path / "ds", tmp_path / "disk", factory="IVF32,PQ4x8", storage="disk", train_samples=6000)
+    assert ram["storage"] == "ram" and disk["storage"] == "disk" and disk["recall"] == ram["recall"]
+    names = {p.name for p in (tmp_path / "disk").iterdir()}
+    assert {"index.faiss", "index.ivfdata", "manifest.json"} <= names
+    assert not [n for n in names if n.startswith(("shard-", "trained"))]  # build files removed
+    os.rename(tmp_path / "disk", tmp_path / "moved")
+    q = np.asarray(keys[:300], dtype=np.float32)
+    a, _ = load_index(tmp_path / "ram")
+    b, manifest = load_index(tmp_path / "moved", verify_sha256=True)
+    assert isinstance(faiss.downcast_InvertedLists(faiss.extract_index_ivf(b).invlists), faiss.OnDiskInvertedLists)
+    da, ia = a.search(q, 10)
+    db, ib = b.search(q, 10)
+    assert np.array_equal(ia, ib) and np.array_equal(da, db)
+    (tmp_path / "moved" / "index.ivfdata").write_bytes(b"\0" * 10)
+    with pytest.raises(MLPMemError, match="index"):
+        load_index(tmp_path / "moved")
