@@ -417,8 +417,9 @@ def calibrate_final_norm(memory: MLPMemory, inputs, targets, base_logprob=None, 
     uniform one (log V) and, given ``base_logprob``, the base LM's own on the same rows.
     """
     idx = np.unique(np.linspace(0, len(targets) - 1, min(rows, len(targets))).astype(np.int64))
-    x = torch.from_numpy(np.asarray(inputs[idx], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(targets[idx], dtype=np.int64))
+    device = memory.lm_head.weight.device  # CPU when built by build_memory; the memory's device whatever it is
+    x = torch.from_numpy(np.asarray(inputs[idx], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(targets[idx], dtype=np.int64)).to(device)
     normed = _unit_normed(memory, x)
     norm = memory.norm
     bias = norm.bias.detach().clone() if getattr(norm, "bias", None) is not None else torch.zeros_like(norm.weight)

@@ -64,7 +64,11 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
             raise MLPMemError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (compute capability >= 8): torch.cuda.is_bf16_supported() also says yes where
+        # bf16 is emulated (V100, T4), far slower there than fp16. ROCm: bf16 on every supported arch.
+        if torch.version.hip:
+            return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "cpu":
         try:
             flags = Path("/proc/cpuinfo").read_text()
