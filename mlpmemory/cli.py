@@ -41,6 +41,7 @@ TOOL_COMMANDS = {
                                               "perplexity vs parameters, with a fitted power law"),
     "verify": ("mlpmemory.commands.verify", "check every finished stage's files against the sizes and sha256 "
                                             "checksums in its manifest; says what to delete and rebuild"),
+    "plan": ("mlpmemory.commands.plan", "disk, peak RAM per rank and time of each stage for a corpus and model size"),
 }
 
 
@@ -264,6 +265,9 @@ def _tool_main(command: str, args: dict) -> None:
     for name in own:
         if name.endswith("_out") and getattr(opts, name):  # output folders (bench, scaling)
             check_run_dir(getattr(opts, name), "--" + name.replace("_", "-"))
+    if not getattr(module, "needs_run", lambda _: True)(opts):  # e.g. `plan --tokens`: no run directory
+        module.main(None, opts)
+        return
     if not (Path(rest["run_dir"]) / "config.json").is_file():
         raise MLPMemError(f"{rest['run_dir']} is not a run directory (no config.json); build one with "
                           f"`mlpmem run --run-dir {rest['run_dir']}` or give --run-dir")
