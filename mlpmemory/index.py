@@ -325,6 +325,14 @@ def _train_once(ds, index_dir: Path, factory: str, settings: dict, add_batch: in
     return seconds
 
 
+SHARD_MAX_ROWS = 1 << 21  # a shard is built in RAM (~72 B/row for PQ64): 2M rows bound that, and a resume redoes <= 2M
+
+
+def _pieces(a: int, b: int) -> list[tuple[int, int]]:
+    """A rank's row range [a, b) cut into shards of at most :data:`SHARD_MAX_ROWS` rows."""
+    return [(x, min(b, x + SHARD_MAX_ROWS)) for x in range(a, b, SHARD_MAX_ROWS)]
+
+
 def _add_shard(ds, index_dir: Path, a: int, b: int, add_batch: int) -> None:
     """This rank's rows [a, b) added (with their global ids) to a copy of the trained index, saved as a shard."""
     path = index_dir / _shard_file(a, b)
@@ -362,13 +370,14 @@ def _build_sharded(ds, index_dir: Path, factory: str, settings: dict, fingerprin
     parts = distributed.world_size()
     spans = [distributed.span(ds.n, r, parts) for r in range(parts)]
     t_add = time.perf_counter()
-    _add_shard(ds, index_dir, *spans[distributed.rank() if parts > 1 else 0], add_batch)
+    for a, b in _pieces(*spans[distributed.rank() if parts > 1 else 0]):
+        _add_shard(ds, index_dir, a, b, add_batch)
     distributed.barrier()  # every shard is on disk
     add_seconds = time.perf_counter() - t_add
     if not distributed.is_main():
         return {}  # rank 0 writes the manifest
     with distributed.all_cores():
-        shards = [index_dir / _shard_file(a, b) for a, b in spans if a < b]
+        shards = [index_dir / _shard_file(a, b) for span in spans for a, b in _pieces(*span)]
         index = _merge_shards(index_dir, shards, storage)
         fields = _measure_and_write(index, index, ds, index_dir, factory, settings, fingerprint,
                                     {"built_on_gpu": False, "storage": storage, "train_seconds": train_seconds,

@@ -179,9 +179,10 @@ def test_storage_rule_and_list_bytes():
         choose_storage(10, 576, "Flat", "disk")
 
 
-def test_on_disk_index_equals_the_in_ram_one_and_moves_with_its_folder(tmp_path):
-    """Shards merged with FAISS's merge_ondisk into memory-mapped lists: the same search results, bit for bit,
-    as the index built in RAM by sequential adds; the lists file is found beside the index after a move."""
+def test_on_disk_index_equals_the_in_ram_one_and_moves_with_its_folder(tmp_path, monkeypatch):
+    """Shards (here 6 of at most 1,000 rows) merged with FAISS's merge_ondisk into memory-mapped lists: the
+    same search results, bit for bit, as the index built in RAM by sequential adds; the lists file is found
+    beside the index after a move."""
     import faiss
 
     rng = np.random.default_rng(0)
@@ -189,6 +190,7 @@ def test_on_disk_index_equals_the_in_ram_one_and_moves_with_its_folder(tmp_path)
     keys = (centres[rng.integers(0, 32, 6000)] + 0.3 * rng.normal(size=(6000, 16))).astype(np.float16)
     write_datastore_arrays(tmp_path / "ds", keys, rng.integers(0, 50, 6000))
     ram = build_index(tmp_path / "ds", tmp_path / "ram", factory="IVF32,PQ4x8", storage="ram", train_samples=6000)
+    monkeypatch.setattr("mlpmemory.index.SHARD_MAX_ROWS", 1000)
     disk = build_index(tmp_path / "ds", tmp_path / "disk", factory="IVF32,PQ4x8", storage="disk", train_samples=6000)
     assert ram["storage"] == "ram" and disk["storage"] == "disk" and disk["recall"] == ram["recall"]
     names = {p.name for p in (tmp_path / "disk").iterdir()}

@@ -418,9 +418,13 @@ def resolve_storage(rows: int, d: int, fac: dict, o: Options) -> str:
 
 def _ram_index(rows: int, d: int, fac: dict, o: Options, storage: str) -> int:
     """max(training: the float32 sample (train_samples x d) + centroids; adding: the index in RAM (on disk:
-    only this rank's shard; merge_ondisk streams the lists) + one float32 add batch)."""
+    one shard of at most SHARD_MAX_ROWS rows being built; merge_ondisk streams the lists) + one float32 add
+    batch)."""
+    from ..index import SHARD_MAX_ROWS
+
     train = min(rows, o.train_samples) * d * 4 + (fac["nlist"] or 0) * d * 4 * 2
-    held = index_bytes(math.ceil(rows / o.ranks), d, fac) if storage == "disk" else index_bytes(rows, d, fac)
+    shard_rows = min(math.ceil(rows / o.ranks), SHARD_MAX_ROWS)
+    held = index_bytes(shard_rows, d, fac) if storage == "disk" else index_bytes(rows, d, fac)
     return int(max(train, held + ADD_BATCH * d * 4))
 
 
