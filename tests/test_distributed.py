@@ -137,15 +137,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of a rank of the torchrun under ``launcher`` (mlpmem --nproc -> torchrun -> ranks)."""
-    for torchrun in _children(launcher):
-        for pid in _children(torchrun):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env:
-                return pid
+    """The pid of a rank among the descendants of ``launcher`` (mlpmem --nproc runs torchrun in-process)."""
+    todo = list(_children(launcher))
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"\0".join(env):
+            return pid
+        todo += _children(pid)
     return None
 
 
