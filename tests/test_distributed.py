@@ -151,6 +151,18 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+def _kill_rank_1_once(args: list[str], marker: Path) -> None:
+    """Run ``mlpmem <args> --nproc 2``; SIGKILL rank 1 as soon as ``marker`` exists; the job must fail."""
+    proc = _mlpmem(*args, "--nproc", "2", "-q", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None and marker.exists(), f"{marker} was never written"
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
+
+
 def test_a_killed_rank_resumes_its_shard_to_identical_files(two_runs, tiny_llama, tmp_path):
     one, _ = two_runs
     def datastore_args(run_dir):  # many small durable steps (batch 1): a kill lands mid-build
@@ -161,15 +173,7 @@ def test_a_killed_rank_resumes_its_shard_to_identical_files(two_runs, tiny_llama
 
     args = datastore_args(tmp_path / "killed")
     assert main(["datastore", *datastore_args(tmp_path / "reference")]) == 0  # one process, same batches
-    proc = _mlpmem("datastore", *args, "--nproc", "2", "-q", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record = tmp_path / "killed" / "datastore" / "progress-rank1.json"
-    deadline = time.time() + 300
-    while not record.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    victim = _rank_pid(proc.pid, 1)
-    assert victim is not None and record.exists(), "rank 1 never started writing"
-    os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
+    _kill_rank_1_once(["datastore", *args], tmp_path / "killed" / "datastore" / "progress-rank1.json")
     assert not (tmp_path / "killed" / "datastore" / "manifest.json").exists()
     _run_2_ranks("datastore", *args)
     for name in ("keys.f16", "values.i32"):
@@ -184,15 +188,7 @@ def test_a_killed_ddp_training_resumes_from_its_checkpoint(two_runs, tiny_llama,
     run = tmp_path / "run"
     shutil.copytree(two, run, ignore=shutil.ignore_patterns("memory", "eval*", "results.json", ".*.lock"))
     args = ["train", *tiny_run_args(run, tiny_llama.path, two.parent / "docs.jsonl", *SETTINGS[:-1])]
-    proc = _mlpmem(*args, "--nproc", "2", "-q", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = run / "memory" / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    victim = _rank_pid(proc.pid, 1)
-    assert victim is not None and state.exists(), "no checkpoint was written"
-    os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
+    _kill_rank_1_once(args, run / "memory" / "checkpoint" / "state.json")
     assert not (run / "memory" / "manifest.json").exists(), "training finished before it could be interrupted"
     _run_2_ranks(*args)
     from safetensors.numpy import load_file

@@ -452,18 +452,16 @@ def _read_parts(path: Path) -> dict[str, dict]:
 
 
 def _merge_parts(path: Path, report: list) -> dict[str, dict]:
-    """The answers of every rank (under torchrun each writes its own part file) appended to the system's file
-    in question order, so the file does not depend on the ranks; the merged rows by id."""
+    """Rank 0 (under torchrun each rank wrote its own part file): the parts' answers appended to the system's
+    file in question order, so the file does not depend on the ranks. Returns the merged rows by id."""
     done = read_predictions(path)
-    parts = {**_read_parts(path)}
-    new = [parts[it["id"]] for it, _ in report if it["id"] not in done and it["id"] in parts]
-    if new and distributed.is_main():
-        _append(path, new)
-        done.update((r["id"], r) for r in new)
     if distributed.is_main():
+        parts = _read_parts(path)
+        _append(path, [parts[it["id"]] for it, _ in report if it["id"] not in done and it["id"] in parts])
         for part in path.parent.glob(_part_file(path, 0).name.replace("rank0", "rank*")):
             part.unlink()
-    return done if distributed.is_main() else read_predictions(path)
+        done = read_predictions(path)
+    return done
 
 
 def _latency_one(lm, system, lam: float, items: list[dict], prompts_for, opts: Options) -> dict:
