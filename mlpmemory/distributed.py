@@ -89,6 +89,25 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+@contextmanager
+def thread_count(n: int | None):
+    """Run a block on ``n`` threads (torch and FAISS), then restore the counts: a command called in-process
+    (tests, notebooks) must not leave the caller's reductions summing in another order."""
+    if not n:
+        yield
+        return
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
 def init() -> None:
     """Join the torchrun job (once): process group, threads, CUDA device; quiet logs and bars on ranks > 0."""
     if not launched():
@@ -180,12 +199,8 @@ def all_cores():
         return
     import torch
 
-    before = torch.get_num_threads()
-    set_threads(before * local_world_size())
-    try:
+    with thread_count(torch.get_num_threads() * local_world_size()):
         yield
-    finally:
-        set_threads(before)
 
 
 @contextmanager

@@ -16,7 +16,13 @@ TINY = ["--bench-prompts", "2", "--bench-prompt-tokens", "12", "--bench-decode-t
 
 @pytest.fixture(scope="module")
 def benched(tiny_run):
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
     assert main(["bench", "--run-dir", str(tiny_run), *TINY]) == 0
+    # --bench-threads is for the bench only: later tests on the shared run sum in the same order as before
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == before
     return json.loads((tiny_run / "bench" / "bench.json").read_text())
 
 

@@ -451,17 +451,19 @@ def _measure(bench: Bench, load: _Loader, name: str, opts: Options) -> tuple[dic
 
 
 def main(run, opts: Options) -> None:
-    import faiss
-
-    from ..datastore import open_datastore
+    from ..distributed import thread_count
 
     opts.validate()
     # Loaded before changing the thread count: models.model_fingerprint sums weights in float, and
     # the sum's rounding depends on torch's thread count (a memory would then refuse its base LM).
     lm = run.lm
-    if opts.bench_threads:
-        torch.set_num_threads(opts.bench_threads)
-        faiss.omp_set_num_threads(opts.bench_threads)
+    with thread_count(opts.bench_threads):
+        _bench(run, lm, opts)
+
+
+def _bench(run, lm, opts: Options) -> None:
+    from ..datastore import open_datastore
+
     out = Path(opts.bench_out) if opts.bench_out else run.dir / "bench"
     out.mkdir(parents=True, exist_ok=True)
     systems = opts.systems()
