@@ -23,10 +23,9 @@ import sys
 import types
 import typing
 from dataclasses import fields
-from pathlib import Path
 
-from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, check_run_dir, saved_settings
-from .config import GROUPS, PRESETS, check_fields, make_config
+from .commands.stages import STAGE_HELP, STAGE_READS, EvalPplOptions, check_run_dir
+from .config import GROUPS, PRESETS, check_fields
 from .errors import MLPMemError
 
 # command -> (module, help). The module provides `Options` (a dataclass) and `main(run, opts)`.
@@ -42,6 +41,10 @@ TOOL_COMMANDS = {
     "verify": ("mlpmemory.commands.verify", "check every finished stage's files against the sizes and sha256 "
                                             "checksums in its manifest; says what to delete and rebuild"),
     "plan": ("mlpmemory.commands.plan", "disk, peak RAM per rank and time of each stage for a corpus and model size"),
+    "serve": ("mlpmemory.commands.serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                          "streaming) for every system, batched"),
+    "loadtest": ("mlpmemory.commands.loadtest", "`mlpmem serve` under load from the openai client: time to first "
+                                                "token, tokens/s and errors at several concurrency levels"),
 }
 
 
@@ -268,10 +271,7 @@ def _tool_main(command: str, args: dict) -> None:
     if not getattr(module, "needs_run", lambda _: True)(opts):  # e.g. `plan --tokens`: no run directory
         module.main(None, opts)
         return
-    if not (Path(rest["run_dir"]) / "config.json").is_file():
-        raise MLPMemError(f"{rest['run_dir']} is not a run directory (no config.json); build one with "
-                          f"`mlpmem run --run-dir {rest['run_dir']}` or give --run-dir")
-    module.main(pipeline.Run(make_config(None, None, base=saved_settings(rest["run_dir"]), **rest)), opts)
+    module.main(pipeline.open_run(rest.pop("run_dir"), **rest), opts)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,18 @@ def _ids_of(tokenizer, prompt: str, i: int) -> list[int]:
     return ids
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` ({"role", "content"} dicts) through the tokenizer's chat template, the assistant's
+    turn opened; a BOS the template writes is dropped when the tokenizer adds it again."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MLPMemError("the tokenizer has no chat template; use plain completions instead")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])

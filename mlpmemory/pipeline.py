@@ -95,6 +95,18 @@ class Run:
         return result
 
 
+def open_run(run_dir, **overrides) -> Run:
+    """An existing run directory with its saved settings (``overrides``: run settings of this use only,
+    e.g. ``device="cpu"``); what tool commands and Python users work on."""
+    from .commands.stages import saved_settings
+    from .config import make_config
+
+    if not (Path(run_dir) / "config.json").is_file():
+        raise MLPMemError(f"{run_dir} is not a run directory (no config.json); build one with "
+                          f"`mlpmem run --run-dir {run_dir}` or give --run-dir")
+    return Run(make_config(None, None, base=saved_settings(str(run_dir)), **{**overrides, "run_dir": str(run_dir)}))
+
+
 def preflight(run: Run) -> None:
     """Cheap checks before any model loads or any file is written: a missing corpus path fails here."""
     from .corpus import DEFAULT_CORPUS

@@ -107,18 +107,12 @@ def check_output(output: str) -> None:
 
 
 def _chat_wrap(tokenizer, prompts: list[str]) -> list[str]:
+    from ..generation import chat_text
+
     if not getattr(tokenizer, "chat_template", None):
         logger.warning("the tokenizer has no chat template; --chat ignored")
         return prompts
-    out = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True)
-        bos = tokenizer.bos_token
-        if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
-            text = text[len(bos):]  # the tokenizer adds it again
-        out.append(text)
-    return out
+    return [chat_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
 
 
 def main(run, opts: Options) -> None:
