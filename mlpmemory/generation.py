@@ -173,10 +173,10 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _finish_row(gen: list[int], tokenizer, eos: set[int], pad: int, stops: list[str]) -> tuple[list[int], str]:
     """Generated ids up to EOS / the token completing a stop string, and the text cut before the stop."""
     end = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
-    if end == len(gen) and stops and pad not in eos:  # HF fills rows its stop strings finished with pad: drop them
+    if end == len(gen) and stops and pad not in eos:  # HF fills rows a stop string finished with pad: drop them
         while end and gen[end - 1] == pad:
             end -= 1
-    if stops:  # the first prefix whose text holds a stop string is where HF's StopStringCriteria fired
+    if stops:  # the first prefix whose generated text holds a stop string is where stop_on_generated_text fired
         for n in range(1, end + 1):
             if any(s in tokenizer.decode(gen[:n], skip_special_tokens=True) for s in stops):
                 end = n
@@ -187,17 +187,33 @@ def _finish_row(gen: list[int], tokenizer, eos: set[int], pad: int, stops: list[
 
 
 def _generation_config(model, tok, eos: set[int], *, max_new_tokens, do_sample, sample_temperature, top_k, top_p,
-                       num_beams, stops):
-    """A copy of the model's generation config with this call's settings; (config, pad id)."""
+                       num_beams):
+    """A copy of the model's generation config with this call's settings; (config, pad id). Stop strings
+    are not HF's (:func:`stop_on_generated_text`)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos) if eos else 0
     gc = copy.deepcopy(model.generation_config)
     gc.update(max_new_tokens=int(max_new_tokens), min_new_tokens=None, min_length=0, do_sample=bool(do_sample),
               num_beams=int(num_beams), num_return_sequences=1, pad_token_id=int(pad),
               temperature=float(sample_temperature) if do_sample else None, top_k=top_k if do_sample else None,
-              top_p=top_p if do_sample else None, stop_strings=stops or None, return_dict_in_generate=False)
+              top_p=top_p if do_sample else None, stop_strings=None, return_dict_in_generate=False)
     if gc.eos_token_id is None and eos:
         gc.eos_token_id = sorted(eos)
     return gc, int(pad)
+
+
+def stop_on_generated_text(tokenizer, stops: list[str], prompt_width: int):
+    """A StoppingCriteria: a row is done once its *generated* text holds a stop string. HF's own
+    ``stop_strings`` also fire on a stop string that begins inside the prompt (prompt "...of", stop
+    "ff": it stops after one "f"), which is not what a caller of a stop string means."""
+    from transformers import StoppingCriteria
+
+    class StopOnGeneratedText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [any(s in tokenizer.decode(row[prompt_width:], skip_special_tokens=True) for s in stops)
+                    for row in input_ids.tolist()]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopOnGeneratedText()
 
 
 def _left_padded(chunk: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +233,10 @@ def _generate_batch(model, tok, chunk, gc, pad, eos, stops, streamer, device) ->
 
     input_ids, mask = _left_padded(chunk, pad)
     first = _first_call_criterion(device)
+    criteria = [first] + ([stop_on_generated_text(tok, stops, input_ids.shape[1])] if stops else [])
     t0 = time.perf_counter()
     out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                         stopping_criteria=StoppingCriteriaList([first]), streamer=streamer,
-                         tokenizer=tok if stops else None)
+                         stopping_criteria=StoppingCriteriaList(criteria), streamer=streamer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
@@ -253,8 +269,7 @@ def generate(lm, prompts, *, memory=None, knn=None, lam: float = 0.0, max_new_to
     timer = timer if timer is not None else StageTimer()
     eos = _eos_ids(model, tok)
     gc, pad = _generation_config(model, tok, eos, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 sample_temperature=sample_temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                                 stops=stops)
+                                 sample_temperature=sample_temperature, top_k=top_k, top_p=top_p, num_beams=num_beams)
     all_ids = [_ids_of(tok, p, i) for i, p in enumerate(prompts)]
     texts, token_ids, ttft = [], [], []
     seconds = 0.0

@@ -207,7 +207,7 @@ class Batcher:
         stops, eos = list(d.stops), set() if d.ignore_eos else self.eos
         gc, pad = _generation_config(model, tok, self.eos, max_new_tokens=max(j.max_tokens for j in jobs),
                                      do_sample=d.do_sample, sample_temperature=d.temperature, top_k=d.top_k,
-                                     top_p=d.top_p, num_beams=1, stops=stops)
+                                     top_p=d.top_p, num_beams=1)  # _Rows stops rows on their generated text
         if d.ignore_eos:
             gc.eos_token_id = None
         input_ids, mask = _left_padded([j.ids for j in jobs], pad)
@@ -220,8 +220,7 @@ class Batcher:
             if d.seed is not None:
                 torch.manual_seed(d.seed)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                                 stopping_criteria=StoppingCriteriaList([rows]), streamer=rows,
-                                 tokenizer=tok if stops else None)
+                                 stopping_criteria=StoppingCriteriaList([rows]), streamer=rows)
         for r, job in enumerate(jobs):
             ids, text = _finish_row(out[r, input_ids.shape[1]:].tolist()[:job.max_tokens], tok, eos, pad, stops)
             hit_stop = bool(ids) and ids[-1] in eos or any(

@@ -53,3 +53,14 @@ def tiny_run(tmp_path_factory, tiny_llama):
     run_dir = root / "run"
     assert main(["run", *tiny_run_args(run_dir, tiny_llama.path, root / "docs.jsonl", "--memory-preset", "tiny")]) == 0
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is ~10x faster than two on a shared 2-core machine (restored after)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

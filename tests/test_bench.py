@@ -97,3 +97,31 @@ def test_bad_options(tiny_run, capsys):
     assert "warp" in capsys.readouterr().err
     assert main(["bench", "--run-dir", str(tiny_run), "--bench-prompt-tokens", "100000"]) == 2
     assert "--bench-prompt-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_scoring_equals_the_dense_mixture_gathered(tiny_run, dtype):
+    """Bench's prefill scores the targets only (chunked heads, mix_logprobs); it equals the generate hook's
+    whole mixed distribution gathered at the same targets."""
+    import numpy as np
+    import torch
+
+    from mlpmemory.generation import StageTimer
+    from mlpmemory.pipeline import open_run
+    from mlpmemory.systems import get_system
+
+    run = open_run(tiny_run)
+    systems = {name: get_system(name).load(run) for name in ("base", "memory", "knn_lm")}
+    if dtype == "bfloat16":  # loaded in float32 (a bf16 base has another fingerprint), then cast
+        run.lm.model.to(torch.bfloat16)
+        systems["memory"].memory.to(torch.bfloat16)
+    b = bench.Bench(run.lm, bench.load_prompts(run, 3, 12), rag_n=1)
+    ids = b.ids
+    targets = ids[:, 1:].reshape(-1)
+    for name, lam in (("base", 0.0), ("memory", 0.4), ("knn_lm", 0.3)):
+        entry = bench.Entry(name, systems[name], lam)
+        fast = b.score(entry, ids, torch.ones_like(ids), None, StageTimer())
+        with torch.inference_mode(), entry.system.hook(run.lm.model, lam, StageTimer()):
+            dense = torch.log_softmax(run.lm.model(input_ids=ids).logits.float(), -1)[:, :-1]
+        want = dense.reshape(-1, dense.shape[-1]).gather(-1, targets[:, None])[:, 0].double().numpy()
+        np.testing.assert_allclose(fast, want, rtol=0, atol=1e-4 if dtype == "float32" else 3e-2, err_msg=name)

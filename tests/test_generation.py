@@ -189,6 +189,22 @@ def test_beams_sampling_stop_strings_and_lengths(tiny_llama):
     assert stop in lm.tokenizer.decode(cut.token_ids[0])
 
 
+def test_a_stop_string_that_begins_in_the_prompt_does_not_stop(tiny_llama):
+    """HF's own stop_strings fire on the prompt's end + the first new token; ours look at new text only."""
+    lm, kw = tiny_llama, dict(max_new_tokens=6)
+    checked = 0
+    for prompt in [*PROMPTS, "the king of", "paris was"]:
+        full = generate(lm, [prompt], **kw)
+        text = full.texts[0]
+        for back in (1, 2, 3):
+            stop = prompt[-back:] + text[:1]  # spans the prompt and the continuation
+            if text and stop not in text:
+                got = generate(lm, [prompt], stop_strings=[stop], **kw)
+                assert (got.texts[0], got.token_ids[0]) == (text, full.token_ids[0]), stop
+                checked += 1
+    assert checked
+
+
 def test_parse_stop_and_prompt_files(tmp_path):
     assert parse_stop(r"a,b\n,\,x,,\\") == ["a", "b\n", ",x", "\\"]
     assert parse_stop(None) == []

@@ -22,17 +22,7 @@ from mlpmemory.qa_data import (
     normalize_answer,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is ~10x faster than two on a shared 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --------------------------------------------------------------------------------------------
 # Metrics: values worked by hand from the official SQuAD v1.1 evaluate script's definitions.

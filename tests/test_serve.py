@@ -249,7 +249,16 @@ def test_bearer_token(served, monkeypatch):
     assert keyed.completions.create(model="base", prompt="the", max_tokens=2).choices
 
 
-def test_a_client_that_disconnects_stops_its_generation(served):
+def test_a_client_that_disconnects_stops_its_generation(served, monkeypatch):
+    from mlpmemory import serving
+
+    put = serving._Rows.put
+
+    def slow_put(self, value):  # 10 ms a token: the full 200 tokens would take 2 s, a hang-up is seen far sooner
+        time.sleep(0.01)
+        put(self, value)
+
+    monkeypatch.setattr(serving._Rows, "put", slow_put)
     batcher = served.server.batcher
     body = {"model": "knn_lm", "prompt": "the", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True,
             "ignore_eos": True}

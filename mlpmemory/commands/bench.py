@@ -6,7 +6,8 @@ Why it is measured this way:
   Memory and kNN-LM run under :func:`mlpmemory.generation.augmented` (the hooks generation uses);
   RAG retrieves with BM25 and prepends passages on every call, so it pays retrieval and the longer
   context; its prefill counts only the original prompt tokens as useful and asks for their logits.
-- **Prefill = scoring a text** (one forward, mixing at every position). **Decode** = greedy with
+- **Prefill = scoring a text** (one forward; the mixed log-prob of every prompt token, through the
+  scoring path of eval-ppl and the harness: chunked heads, targets only). **Decode** = greedy with
   the KV cache, timed step by step (CUDA synchronised before every clock read); time to first
   token runs from the prompt (text, for RAG) to the first token. One untimed warm-up per system,
   then ``bench_repeats`` repeats; medians over repeats are reported, raw timings all kept.
@@ -250,15 +251,37 @@ class Bench:
         """One scoring pass over ``n_rows`` prompts (cycled) in batches: seconds, useful tokens, stages."""
         timer, total, useful = self.timer(), 0.0, 0
         rows = [i % len(self.ids) for i in range(n_rows)]
-        with self.hooks(system, timer):
-            for s in range(0, len(rows), batch):
-                t0 = _now(self.device)
-                ids, mask, pos = self.inputs(system, rows[s:s + batch], timer)
-                keep = self.ids.shape[1] if system.system.transforms_prompt else 0  # RAG: logits of the prompt only
-                self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **self.keep(keep))
-                total += _now(self.device) - t0
-                useful += len(rows[s:s + batch]) * self.ids.shape[1]
+        for s in range(0, len(rows), batch):
+            t0 = _now(self.device)
+            ids, mask, pos = self.inputs(system, rows[s:s + batch], timer)
+            self.score(system, ids, mask, pos, timer)
+            total += _now(self.device) - t0
+            useful += len(rows[s:s + batch]) * self.ids.shape[1]
         return {"seconds": total, "tokens": useful, "stages": split(total, timer)}
+
+    @torch.inference_mode()
+    def score(self, entry: Entry, ids, mask, pos, timer) -> np.ndarray:
+        """Scoring a text as eval-ppl and the harness score it: log p(next token) at each prompt position
+        under the system at its lambda (float64, (B * (T - 1),)). The base LM's head and the system's
+        component run a bounded chunk of rows at a time and only the targets' log-probs are mixed
+        (:func:`mlpmemory.inference.mix_logprobs`): no vocabulary-sized mixed tensor is ever built."""
+        from ..capture import capture_inputs
+        from ..inference import lm_scoring_forward, mix_logprobs, resolve_input_site
+
+        system, width = entry.system, self.ids.shape[1]  # RAG: only the prompt's own positions are scored
+        site = resolve_input_site(self.model, system.site()) if system.has_lambda and entry.lam > 0 else None
+        with capture_inputs(self.model, [site] if site else []) as cap:
+            states, score = lm_scoring_forward(self.model, input_ids=ids, attention_mask=mask, position_ids=pos,
+                                               use_cache=False, logits_to_keep=width)
+        targets = ids[:, -width + 1:].reshape(-1)
+        logp = score(states[:, :-1].reshape(-1, states.shape[-1]), targets).double().cpu().numpy()
+        if site is None:
+            return logp
+        hidden = cap[site.module_path][:, -width:-1]
+        with timer.section("memory_forward" if system.name == "memory" else "search"):
+            other = system.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), targets)
+        with timer.section("mixing"):
+            return mix_logprobs(logp, other, entry.lam)
 
     def decode(self, system: Entry, rows: list[int], steps: int) -> dict:
         """Greedy decoding of ``steps + 1`` tokens with the KV cache: TTFT and per-step latencies."""
@@ -511,7 +534,9 @@ def run_scaling(bench: Bench, opts: Options, sizes: list[int], load) -> dict:
     return {"sizes": sizes, "points": points, "largest_n": sizes[-1], "ratios_at_largest_n": ratios}
 
 
-_HOW = {"prefill": "one forward per prompt (no cache), mixing at every position; tokens/s = useful prompt tokens / s; "
+_HOW = {"prefill": "scoring: one forward per prompt batch (no cache), the mixed log-prob of every prompt token "
+                   "(chunked LM head and component, targets only, then mix_logprobs); tokens/s = useful prompt "
+                   "tokens / s; "
                    "RAG: retrieval + passages processed, logits for the prompt tokens only",
         "decode": "greedy with the KV cache under generation.augmented; per-step latency; TTFT = prompt -> first "
                   "token (retrieval and tokenisation included for RAG)",
