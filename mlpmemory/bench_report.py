@@ -74,10 +74,12 @@ def flop_report(model, results: dict, t: int, new_tokens: int, dtypes: str = "")
                              "measured_overhead": measured, "ms_per_token": ms,
                              "differs_over_10pct": abs(measured - predicted) > 0.10 * predicted}
         if row["differs_over_10pct"]:
+            what = "the targets only" if phase.startswith("prefill") else "log-softmax over V + logaddexp"
+            extra = ms["base_forward"] - ms["base_forward_in_base_system"]
             row["explanation"] = (
                 f"memory_forward {ms.get('memory_forward', 0):.3g} ms/token vs {ms['memory_forward_predicted']:.3g} "
-                f"predicted by FLOPs; mixing (log-softmax over V + logaddexp) {ms.get('mixing', 0):.3g} ms/token, "
-                f"FLOP-free in the model; base forward {ms['base_forward'] - ms['base_forward_in_base_system']:+.3g} "
+                f"predicted by FLOPs (prefill: its head's float32 log-softmax included); mixing ({what}) "
+                f"{ms.get('mixing', 0):.3g} ms/token, FLOP-free in the model; base forward {extra:+.3g} "
                 f"ms/token vs the base system (hook capture, timing noise){dtypes}")
     return rows
 

@@ -207,6 +207,7 @@ def test_eval_harness_end_to_end(tiny_run, tiny_tasks, tmp_path):
         assert 0.0 <= entry["metrics"]["acc,none"] <= 1.0
     table = (tiny_run / "harness" / "memory_lam0.2.md").read_text()
     assert "system memory, lambda 0.2" in table and "| mlpmem_halueval_qa | acc |" in table
+    assert "sample_len" not in table  # metrics only ("name,filter" keys), not lm_eval's bookkeeping
 
 
 def test_eval_harness_errors(tiny_run, capsys):

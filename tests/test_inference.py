@@ -295,3 +295,17 @@ def test_prefill_mixing_in_chunks_equals_the_dense_mixture(tiny_llama, monkeypat
             got = tiny_llama.model(input_ids=ids).logits
     assert seen == [7, 7, 7, 7, 2]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_rows", [1, 3, 37, 100])
+def test_target_logprobs_tiles_are_bit_identical(monkeypatch, dtype, tile_rows):
+    """On the CPU, target_logprobs runs the log-softmax a few L2-sized rows at a time: never a different bit."""
+    from mlpmemory import inference as inf
+
+    g = torch.Generator().manual_seed(tile_rows)
+    logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    targets = torch.randint(0, 1000, (37,), generator=g)
+    want = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    monkeypatch.setattr(inf, "LOGSOFTMAX_TILE_BYTES", 4 * 1000 * tile_rows)
+    assert torch.equal(inf.target_logprobs(logits, targets), want)

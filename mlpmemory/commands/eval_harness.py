@@ -125,7 +125,7 @@ def format_table(report: dict) -> str:
     rows = []
     for task, e in sorted(report["tasks"].items()):
         for metric, value in e["metrics"].items():
-            if "_stderr," in metric or not isinstance(value, float):
+            if "," not in metric or "_stderr," in metric or not isinstance(value, float):  # metrics: "name,filter"
                 continue
             err = e["metrics"].get(metric.replace(",", "_stderr,", 1))
             cells = [task, metric.split(",")[0], f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "",
