@@ -232,6 +232,11 @@ class EvalSettings:
     rag_query_tokens: int = opt(32, "+RAG: the query is this many tokens before each retrieval point", minimum=1)
     rag_passage_tokens: int = opt(256, "+RAG: documents longer than this many tokens are split into passages",
                                   minimum=1)
+    ood: str = opt("auto", "out-of-domain texts scored next to the test text at the same lambdas: comma-separated "
+                           "shipped sets (nyt, reddit, amazon: New York Times, Reddit and Amazon-review paragraphs "
+                           "sharing no 13 words with the default corpus) or text files; auto: the shipped sets with "
+                           "the default corpus, none with another; none: skip")
+    ood_tokens: int = opt(4096, "tokens scored from the start of each out-of-domain text", minimum=2)
 
     def validate(self) -> None:
         try:

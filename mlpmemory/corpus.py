@@ -158,6 +158,33 @@ def _bigbench_files(cache_dir=None) -> dict[str, Path]:
     return paths
 
 
+def bigbench_member(member: str, cache_dir=None) -> Path:
+    """One file of the cached bigbench archive (``member``: its path under ``bigbench/``, e.g.
+    ``bigbench/benchmark_tasks/truthful_qa/questions.json``), extracted once into
+    ``<cache>/corpora/bigbench-1.0.0-files/`` (under a lock) for the QA, harness and out-of-domain data."""
+    from .cache import cache_root, fetch_pypi_distribution
+
+    name, version = BIGBENCH
+    final = cache_root(cache_dir) / "corpora" / f"{name}-{version}-files" / member.replace("/", "__")
+    if final.is_file():
+        return final
+    with file_lock(lock_path(final), f"extracting {member} from {name}=={version}"):
+        if not final.is_file():
+            archive = fetch_pypi_distribution(name, version, cache_dir)
+            try:
+                with atomic_path(final) as tmp, tarfile.open(archive, "r|gz") as tf:  # one streaming pass
+                    for info in tf:
+                        if info.name.split("/", 1)[-1] == member and info.isfile():
+                            with open(tmp, "wb") as out:
+                                shutil.copyfileobj(tf.extractfile(info), out)
+                            break
+                    else:
+                        raise MLPMemError(f"{archive} lacks {member}; delete it so that it is downloaded again")
+            except (tarfile.TarError, EOFError) as e:
+                raise MLPMemError(f"could not read {archive} ({e}); delete it so that it is downloaded again") from None
+    return final
+
+
 def _extract_members(final: Path, members: set[str], cache_dir) -> None:
     from .cache import fetch_pypi_distribution
 

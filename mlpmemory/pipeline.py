@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from . import distributed
@@ -39,7 +40,7 @@ from .log import log
 
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
-RAG_BM25, EVAL_TEXT = "rag_bm25", "eval_text"
+RAG_BM25, EVAL_TEXT, EVAL_OOD = "rag_bm25", "eval_text", "eval_ood"
 
 
 class Run:
@@ -275,13 +276,15 @@ def stage_train(run: Run) -> dict:
     return run.timed(MEMORY, go)
 
 
-def _eval_text_dirs(run: Run, text: str) -> tuple[Path, Path, int, int, dict, Path]:
-    """An --eval-text: tokenised under eval_text/, scored into eval_text/<its fingerprint>/ (never the run's eval)."""
+def _eval_text_dirs(run: Run, text: str, max_tokens: int | None = None) -> tuple[Path, Path, int, int, dict, Path]:
+    """An --eval-text (or an out-of-domain set: its first ``max_tokens``): tokenised under eval_text/, scored
+    into eval_text/<its fingerprint>/ (never the run's eval)."""
     spec = str(Path(text).resolve()) if Path(text).exists() else text
-    tm = _tokenize(run, text, run.dir / EVAL_TEXT / f"tokens-{sha256_json(spec)[:12]}", 0.0, {})
+    caps = {"max_train_tokens": max_tokens} if max_tokens else {}
+    tm = _tokenize(run, text, run.dir / EVAL_TEXT / f"tokens-{sha256_json([spec, caps])[:12]}", 0.0, caps)
     root = run.dir / EVAL_TEXT / tm["corpus_fingerprint"]
     identity = {"corpus_fingerprint": tm["corpus_fingerprint"], "split": "eval-text"}
-    token_path = run.dir / EVAL_TEXT / f"tokens-{sha256_json(spec)[:12]}" / "train.i32"
+    token_path = run.dir / EVAL_TEXT / f"tokens-{sha256_json([spec, caps])[:12]}" / "train.i32"
     return root / "test", token_path, 0, tm["n_tokens"]["train"], identity, root
 
 
@@ -347,7 +350,39 @@ def stage_eval(run: Run, eval_text: str | None = None) -> dict:
                               mem_site=run.cfg.datastore.mem_site, **_window_args(run))
     base_pass() if eval_text else run.timed(EVAL_TEST, base_pass)  # an eval text's times stay out of the run's
     # the LM pass above is split over ranks (a datastore build); the scoring and the report are rank 0's
-    return distributed.main_first(lambda: _eval_report(run, eval_text, test_dir, token_path, out))
+    report = distributed.main_first(lambda: _eval_report(run, eval_text, test_dir, token_path, out))
+    if eval_text:
+        return report
+    ood = run.timed(EVAL_OOD, lambda: stage_eval_ood(run))
+    return {**report, "out_of_domain": ood} if ood else report
+
+
+def stage_eval_ood(run: Run) -> dict:
+    """Every system on each out-of-domain text (``--ood``), at the lambdas chosen on in-domain validation:
+    ``{name: {"file", "tokens_scored", "systems": {system: {"ppl", "lambda", "vs_base"}}}}``, also saved
+    as eval/ood.json. Each text is an --eval-text of its first ``--ood-tokens`` tokens (cached alike)."""
+    from .evaluate import build_eval_dir
+    from .ood import resolve
+
+    sets = resolve(run.cfg.eval.ood, run.cfg.corpus.corpus, run.cfg.run.cache_dir)
+    summary = {}
+    for name, path in sets.items():
+        test_dir, token_path, start, n, identity, out = _eval_text_dirs(run, str(path), run.cfg.eval.ood_tokens)
+        if n < 2:
+            raise MLPMemError(f"the out-of-domain text {path} holds fewer than 2 tokens")
+        build_eval_dir(run.lm, token_path, n, test_dir, identity=identity, token_start=start,
+                       mem_site=run.cfg.datastore.mem_site, **_window_args(run))
+        rep = distributed.main_first(partial(_eval_report, run, str(path), test_dir, token_path, out))
+        systems = rep["test"]["systems"]
+        summary[name] = {"file": str(path), "tokens_scored": rep["test"]["tokens_scored"], "report": str(out),
+                         "systems": {k: {"ppl": v["ppl"], "lambda": v.get("lambda"),
+                                         "vs_base": v["ppl"] / systems["base"]["ppl"] - 1} for k, v in systems.items()}}
+    if distributed.is_main():  # none asked for: no stale sets in results.json either
+        if summary:
+            atomic_write_json(run.path(EVAL) / "ood.json", summary)
+        else:
+            (run.path(EVAL) / "ood.json").unlink(missing_ok=True)
+    return summary
 
 
 def _eval_report(run: Run, eval_text: str | None, test_dir: Path, token_path: Path, out: Path) -> dict:
@@ -426,6 +461,7 @@ def summarize(run: Run) -> dict:
                    "blocks": read_json(run.path(MEMORY) / "config.json").get("n_blocks"), "steps": mem["steps"],
                    "train_rows_per_s": mem.get("rows_per_s_this_session"), "validation": mem.get("validation")},
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
+        "out_of_domain": read_json(run.path(EVAL) / "ood.json") if (run.path(EVAL) / "ood.json").exists() else {},
         "settings": run.cfg.to_dict(),
     }
     path = run.dir / "results.json"
@@ -433,6 +469,29 @@ def summarize(run: Run) -> dict:
                                   or path.read_text() != json.dumps(results, indent=2, sort_keys=True) + "\n"):
         atomic_write_json(path, results)  # (unchanged: not rewritten, so a finished read-only run still reports)
     return results
+
+
+def ood_table(ood: dict, test_tokens: int, test_ppl: dict) -> list[str]:
+    """Lines of the in-domain vs out-of-domain table (PPL and change vs base per set); none without sets."""
+    if not ood:
+        return []
+    names = [("base", "base", "base LM"), ("knn_lm", "knn_lm", "+ kNN-LM"), ("memory", "mlp_memory", "+ MLP memory"),
+             ("rag", "rag", "+ RAG (in-context)")]
+
+    def cell(ppl_value: float, base: float, key: str) -> str:
+        return f"{ppl_value:.3f}" + ("" if key == "base" else f" ({100 * (ppl_value / base - 1):+.2f}%)")
+
+    lines = [f"Out-of-domain perplexity (same lambdas; in-domain: the test above, {test_tokens:,} tokens)", "",
+             "| system | in-domain test | " + " | ".join(f"{k} ({v['tokens_scored']:,} tok)" for k, v in ood.items())
+             + " |", "|---|" + "---|" * (len(ood) + 1)]
+    for key, test_key, label in names:
+        if test_ppl.get(test_key) is None:
+            continue
+        cells = [cell(test_ppl[test_key], test_ppl["base"], key)]
+        cells += ["-" if key not in v["systems"] else cell(v["systems"][key]["ppl"], v["systems"]["base"]["ppl"], key)
+                  for v in ood.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def format_table(results: dict) -> str:
@@ -455,7 +514,7 @@ def format_table(results: dict) -> str:
         lines.append(f"| + RAG (in-context) | {ppl['rag']:.3f} | {pct(ppl['rag'])} | {bpb['rag']:.4f} | BM25 top-"
                      f"{r['n_passages']} of {r['passages']:,} passages, every {r['retrieve_every']} tokens, "
                      f"query {r['query_tokens']} tokens |")
-    lines.append("")
+    lines += ["", *ood_table(results.get("out_of_domain") or {}, results["tokens_scored"], ppl)]
     m = results["memory"]
     rows = [
         ("model", results["model"]),
@@ -473,7 +532,7 @@ def format_table(results: dict) -> str:
     if (ch.get("rag") or {}).get("seconds") is not None:
         rows.append(("+RAG test pass",
                      f"{ch['rag']['seconds']:.1f}s (retrieval {ch['rag']['retrieval_seconds']:.2f}s)"))
-    order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, RAG_BM25, EVAL_TEST, EVAL]
+    order = [CORPUS, DATASTORE, TUNE, INDEX, TARGETS, MEMORY, RAG_BM25, EVAL_TEST, EVAL, EVAL_OOD]
     times = results["stage_seconds"]
     rows += [(f"time: {k}", f"{times[k]:.1f}s")
              for k in sorted(times, key=lambda k: order.index(k) if k in order else 99)]

@@ -142,6 +142,10 @@ def _dispatch(command: str, run, eval_text: str | None, show: bool = True) -> No
         if not show:
             return
         print(format_ppl_table(result))
+        if result.get("out_of_domain"):
+            systems = result["test"]["systems"]
+            test_ppl = {"mlp_memory" if k == "memory" else k: v["ppl"] for k, v in systems.items()}
+            print("\n".join(pipeline.ood_table(result["out_of_domain"], result["test"]["tokens_scored"], test_ppl)))
         where = pipeline.EVAL_TEXT if eval_text else pipeline.EVAL
         print(f"eval-ppl: complete; report in {run.dir / where}")
     else:

@@ -32,8 +32,6 @@ file's path, so this module imports the package absolutely.
 from __future__ import annotations
 
 import json
-import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +78,9 @@ def _squad(cache_dir) -> dict[str, list[dict]]:
 
 
 def _truthfulqa(cache_dir) -> dict[str, list[dict]]:
-    data = json.loads(_bigbench_member(TRUTHFULQA_MEMBER, cache_dir).read_text(encoding="utf-8"))
+    from mlpmemory.corpus import bigbench_member
+
+    data = json.loads(bigbench_member(TRUTHFULQA_MEMBER, cache_dir).read_text(encoding="utf-8"))
     rows = []
     for ex in data["examples"]:
         true, false = list(ex["True answers"]), list(ex["False answers"])
@@ -91,27 +91,6 @@ def _truthfulqa(cache_dir) -> dict[str, list[dict]]:
 
 
 SOURCES = {"nq_open": _nq, "squad_open": _squad, "truthfulqa": _truthfulqa}
-
-
-def _bigbench_member(member: str, cache_dir) -> Path:
-    """One file of the cached bigbench archive, extracted once into ``<cache>/harness/sources``."""
-    from mlpmemory.cache import cache_root, fetch_pypi_distribution
-    from mlpmemory.corpus import BIGBENCH
-    from mlpmemory.io import atomic_path
-
-    final = cache_root(cache_dir) / "harness" / "sources" / Path(member).parent.name / Path(member).name
-    if final.is_file():
-        return final
-    archive = fetch_pypi_distribution(*BIGBENCH, cache_dir)
-    with atomic_path(final) as tmp, tarfile.open(archive, "r|gz") as tf:  # one streaming pass
-        for info in tf:
-            if info.name.split("/", 1)[-1] == member and info.isfile():
-                with open(tmp, "wb") as out:
-                    shutil.copyfileobj(tf.extractfile(info), out)
-                break
-        else:
-            raise MLPMemError(f"{archive} lacks {member}; delete it so that it is downloaded again")
-    return final
 
 
 def materialise(name: str, cache_dir=None) -> dict[str, Path]:
