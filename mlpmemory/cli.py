@@ -45,6 +45,7 @@ TOOL_COMMANDS = {
                                           "streaming) for every system, batched"),
     "loadtest": ("mlpmemory.commands.loadtest", "`mlpmem serve` under load from the openai client: time to first "
                                                 "token, tokens/s and errors at several concurrency levels"),
+    "finetune": ("mlpmemory.commands.finetune", "fine-tune the base LM (cpt or lora) with the memory's token budget"),
     "eval-harness": ("mlpmemory.commands.eval_harness", "lm-evaluation-harness tasks (offline NQ-open, open SQuAD, "
                                                         "TruthfulQA MC, HaluEval) on one system of a run"),
 }

@@ -14,8 +14,10 @@ Run directory layout::
     <run_dir>/targets/         sparse kNN target distributions, in shards
     <run_dir>/memory/          the trained MLP memory (config.json + model.safetensors) and checkpoint
     <run_dir>/rag_bm25/        BM25 index over the datastore's documents (the +RAG baseline)
+    <run_dir>/finetune_cpt/    `mlpmem finetune --method cpt`: the base LM after continued pretraining (+CPT)
+    <run_dir>/finetune_lora/   `mlpmem finetune --method lora`: a LoRA adapter of the base LM (+LoRA)
     <run_dir>/eval_test/       base-LM pass over the test half of the held-out split, plus
-                               rag_logprob.f32 (+RAG log-probs of the same tokens)
+                               rag_logprob.f32 (+RAG log-probs of the same tokens; cpt_/lora_logprob.f32 alike)
     <run_dir>/eval/            ppl.json + ppl_validation.png (perplexity of every system, lambda sweep)
     <run_dir>/eval_text/<fp>/  `eval-ppl --eval-text`: the same report on another text (test/ + ppl.json)
     <run_dir>/results.json     the main job's summary (never written by an --eval-text invocation)
@@ -41,6 +43,7 @@ from .log import log
 CORPUS, DATASTORE, TUNE, INDEX, TARGETS = "corpus", "datastore", "tune", "index", "targets"
 MEMORY, EVAL_TEST, EVAL = "memory", "eval_test", "eval"
 RAG_BM25, EVAL_TEXT, EVAL_OOD = "rag_bm25", "eval_text", "eval_ood"
+FINETUNED = ("cpt", "lora")  # `mlpmem finetune` baselines, reported when trained
 
 
 class Run:
@@ -314,11 +317,15 @@ def _rag_setup(run: Run):
 
 def _eval_key(run: Run, test_dir: Path, mem_fp: str, rag_settings) -> str:
     """What an eval report depends on, from manifests only: a finished eval must not load the index."""
+    from .finetuned import finetuned_fingerprints
+
     tg = read_manifest(run.path(TARGETS), "targets")
+    finetuned = finetuned_fingerprints(run)  # only when the run has fine-tunes: other runs keep their key
     return sha256_json({"memory": mem_fp, "index": read_manifest(run.path(INDEX), "index"),
                         "datastore": read_manifest(run.path(DATASTORE), "datastore"), "k": tg["k"],
                         "T": tg["temperature"], "nprobe": run.cfg.index.nprobe, "valid": read_manifest(run.path(TUNE)),
-                        "test": read_manifest(test_dir), "lambdas": run.cfg.eval.lambda_list(), "rag": rag_settings})
+                        "test": read_manifest(test_dir), "lambdas": run.cfg.eval.lambda_list(), "rag": rag_settings,
+                        **({"finetuned": finetuned} if finetuned else {})})
 
 
 def _rag_logprobs(run: Run, retriever, rag_settings, test_dir: Path, token_path: Path):
@@ -402,9 +409,16 @@ def _eval_report(run: Run, eval_text: str | None, test_dir: Path, token_path: Pa
     (out / "manifest.json").unlink(missing_ok=True)  # stale: other memory, index or settings
 
     def go():
+        from .finetuned import finetuned_components
+        from .systems import systems_for
+
         rag = _rag_logprobs(run, retriever, rag_settings, test_dir, token_path) if retriever is not None else None
+        finetuned = finetuned_components(run, test_dir, token_path)  # +CPT / +LoRA rows, when trained
+        systems = systems_for(memory=memory, memory_fingerprint=mem_fp, knn=knn, rag=rag, **finetuned) \
+            if finetuned else None
         return evaluate_ppl(run.path(TUNE), test_dir, out, tokenizer=run.lm.tokenizer, memory=memory,
-                            memory_fingerprint=mem_fp, knn=knn, lambdas=run.cfg.eval.lambda_list(), rag=rag)
+                            memory_fingerprint=mem_fp, knn=knn, lambdas=run.cfg.eval.lambda_list(), rag=rag,
+                            systems=systems)
     result = run.timed(EVAL, go) if not eval_text else go()
     write_manifest(out, {"inputs": key, "report": "ppl.json", "text": eval_text or "held-out test half"})
     return result
@@ -449,7 +463,8 @@ def summarize(run: Run) -> dict:
         "temperature_grid": sel.get("grid"),
         "ppl": {"base": systems["base"]["ppl"], "knn_lm": systems["knn_lm"]["ppl"],
                 "mlp_memory": systems["memory"]["ppl"], "memory_alone": systems["memory"].get("memory_alone_ppl"),
-                "rag": systems["rag"]["ppl"] if "rag" in systems else None},
+                "rag": systems["rag"]["ppl"] if "rag" in systems else None,
+                **{k: systems[k]["ppl"] for k in FINETUNED if k in systems}},
         "bits_per_byte": {k: v.get("bits_per_byte") for k, v in systems.items()},
         "tokens_scored": ev["test"]["tokens_scored"],
         "validation_tokens": ev["validation"]["tokens_scored"],
@@ -462,6 +477,8 @@ def summarize(run: Run) -> dict:
                    "train_rows_per_s": mem.get("rows_per_s_this_session"), "validation": mem.get("validation")},
         "stage_seconds": read_json(run.dir / "timings.json") if (run.dir / "timings.json").exists() else run.timings,
         "out_of_domain": read_json(run.path(EVAL) / "ood.json") if (run.path(EVAL) / "ood.json").exists() else {},
+        "finetuned": {k: {f: systems[k].get(f) for f in ("tokens_trained", "trainable_params", "train_seconds",
+                                                          "lora_rank", "steps")} for k in FINETUNED if k in systems},
         "settings": run.cfg.to_dict(),
     }
     path = run.dir / "results.json"
@@ -476,7 +493,7 @@ def ood_table(ood: dict, test_tokens: int, test_ppl: dict) -> list[str]:
     if not ood:
         return []
     names = [("base", "base", "base LM"), ("knn_lm", "knn_lm", "+ kNN-LM"), ("memory", "mlp_memory", "+ MLP memory"),
-             ("rag", "rag", "+ RAG (in-context)")]
+             ("rag", "rag", "+ RAG (in-context)"), ("cpt", "cpt", "+ CPT"), ("lora", "lora", "+ LoRA")]
 
     def cell(ppl_value: float, base: float, key: str) -> str:
         return f"{ppl_value:.3f}" + ("" if key == "base" else f" ({100 * (ppl_value / base - 1):+.2f}%)")
@@ -514,6 +531,12 @@ def format_table(results: dict) -> str:
         lines.append(f"| + RAG (in-context) | {ppl['rag']:.3f} | {pct(ppl['rag'])} | {bpb['rag']:.4f} | BM25 top-"
                      f"{r['n_passages']} of {r['passages']:,} passages, every {r['retrieve_every']} tokens, "
                      f"query {r['query_tokens']} tokens |")
+    for key, label in (("cpt", "+ CPT"), ("lora", "+ LoRA")):  # trained by `mlpmem finetune`
+        if ppl.get(key) is not None:
+            ft = results.get("finetuned", {}).get(key, {})
+            lines.append(f"| {label} | {ppl[key]:.3f} | {pct(ppl[key])} | {bpb.get(key, float('nan')):.4f} | "
+                         f"{ft.get('tokens_trained', 0):,} tokens, {ft.get('trainable_params', 0):,} trained params"
+                         + (f", rank {ft['lora_rank']}" if ft.get("lora_rank") else "") + " |")
     lines += ["", *ood_table(results.get("out_of_domain") or {}, results["tokens_scored"], ppl)]
     m = results["memory"]
     rows = [

@@ -248,7 +248,7 @@ def test_registry_systems_give_the_direct_per_token_logprobs(setup, tmp_path):
     ds = open_datastore(tmp_path / "valid")
     rag = {"logprob": np.asarray(ds.lm_logprob, dtype=np.float32) - 0.5, "settings": {"n_passages": 1}}
     systems = systems_for(memory=mem, knn=knn, rag=rag)
-    assert [s.name for s in systems] == list(REGISTRY) == ["base", "memory", "knn_lm", "rag"]
+    assert [s.name for s in systems] == list(REGISTRY)[:4] == ["base", "memory", "knn_lm", "rag"]
     comps = score_components(tmp_path / "valid", systems=systems, progress=False)
     with torch.inference_mode():
         q = memory_logprobs(mem, torch.from_numpy(np.asarray(ds.mem_inputs, dtype=np.float32)))

@@ -26,12 +26,12 @@ from mlpmemory.systems import (
 
 
 def test_registry_names_and_interface():
-    assert names() == ["base", "memory", "knn_lm", "rag"]
+    assert names() == ["base", "memory", "knn_lm", "rag", "cpt", "lora"]
     assert [c.name for c in tuned()] == ["memory", "knn_lm"]
     for name, cls in REGISTRY.items():
         assert issubclass(cls, System) and cls.name == name and cls.label and get_system(name) is cls
-    with pytest.raises(MLPMemError, match="unknown system 'lora'"):
-        get_system("lora")
+    with pytest.raises(MLPMemError, match="unknown system 'warp'"):
+        get_system("warp")
     assert [type(s) for s in systems_for()] == [BaseLM]
 
 

@@ -348,6 +348,9 @@ def _component_fingerprints(run, systems: list[str], nprobe) -> dict:
         tg = read_manifest(run.path("targets"), "targets")
         fps["knn"] = sha256_json({"index": read_manifest(run.path("index"), "index"), "k": tg.get("k"),
                                   "T": tg.get("temperature"), "nprobe": nprobe})
+    from ..finetuned import finetuned_fingerprints
+
+    fps.update({m: fp for m, fp in finetuned_fingerprints(run).items() if m in systems})  # cpt / lora
     return fps
 
 

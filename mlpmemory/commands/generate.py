@@ -31,8 +31,8 @@ SYSTEMS = tuple(names())
 class Options:
     prompt: str | None = opt(None, "the prompt to continue")
     prompt_file: str | None = opt(None, "prompts to continue: .txt (one per line) or .jsonl (a 'prompt' field)")
-    system: str = opt("memory", "which system generates: the base LM, + MLP memory, + kNN-LM or + RAG "
-                                "(3 BM25 passages before the prompt)",
+    system: str = opt("memory", "which system generates: the base LM, + MLP memory, + kNN-LM, + RAG "
+                                "(3 BM25 passages before the prompt) or a fine-tune (cpt, lora: `mlpmem finetune`)",
                       choices=list(SYSTEMS))
     lam: float | None = opt(None, "weight of the memory / kNN distribution (default: the lambda chosen on validation "
                                   "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)")

@@ -155,7 +155,9 @@ class System:
 
 
 from .base import BaseLM  # noqa: E402  (the registry's classes subclass System)
+from .cpt import CPTSystem  # noqa: E402
 from .knn_lm import KNNLMSystem  # noqa: E402
+from .lora import LoRASystem  # noqa: E402
 from .memory import MemorySystem  # noqa: E402
 from .rag import RAGSystem  # noqa: E402
 
@@ -165,6 +167,8 @@ REGISTRY: dict[str, type[System]] = {
     MemorySystem.name: MemorySystem,
     KNNLMSystem.name: KNNLMSystem,
     RAGSystem.name: RAGSystem,
+    CPTSystem.name: CPTSystem,
+    LoRASystem.name: LoRASystem,
 }
 
 
@@ -193,4 +197,4 @@ def systems_for(**components) -> list[System]:
 
 
 __all__ = ["System", "REGISTRY", "names", "get_system", "tuned", "systems_for", "chosen_lambda", "BaseLM",
-           "MemorySystem", "KNNLMSystem", "RAGSystem"]
+           "MemorySystem", "KNNLMSystem", "RAGSystem", "CPTSystem", "LoRASystem"]
