@@ -48,7 +48,7 @@ class Decoding:
     top_k: int | None = None
     stops: tuple[str, ...] = ()
     seed: int | None = None  # a seeded job runs alone: its random numbers must not depend on its neighbours
-    ignore_eos: bool = False  # generate max_tokens tokens whatever comes (vLLM's extra; fixed-length load tests)
+    ignore_eos: bool = False  # always max_tokens tokens, EOS suppressed until then (fixed-length load tests)
 
 
 @dataclass(eq=False)
@@ -209,7 +209,9 @@ class Batcher:
                                      do_sample=d.do_sample, sample_temperature=d.temperature, top_k=d.top_k,
                                      top_p=d.top_p, num_beams=1)  # _Rows stops rows on their generated text
         if d.ignore_eos:
-            gc.eos_token_id = None
+            # EOS is never drawn before max_tokens. (Clearing eos_token_id is not enough: generate fills an
+            # unset one from the model's own generation config.)
+            gc.min_new_tokens = gc.max_new_tokens
         input_ids, mask = _left_padded([j.ids for j in jobs], pad)
         rows = _Rows(jobs, tok, eos)
         device = self.lm.device

@@ -312,3 +312,13 @@ def test_loadtest_end_to_end(tiny_run, tmp_path):
     assert report["server_exit_status"] in (0, -15)
     assert "serve: shut down cleanly" in (out / "server.log").read_text()
     assert "| memory | 2 |" in (out / "loadtest.md").read_text()
+
+
+def test_ignore_eos_generates_max_tokens_even_where_eos_comes_first(client):
+    """Where a (seeded, hot) sample ends at EOS before max_tokens, ignore_eos still gives exactly max_tokens."""
+    kw = dict(model="base", prompt="the river", max_tokens=200, temperature=2.0)
+    early = next((seed for seed in range(40)
+                  if client.completions.create(**kw, seed=seed).choices[0].finish_reason == "stop"), None)
+    assert early is not None, "no seed ended at EOS: the test has no case"
+    forced = client.completions.create(**kw, seed=early, extra_body={"ignore_eos": True})
+    assert forced.usage.completion_tokens == 200 and forced.choices[0].finish_reason == "length"
