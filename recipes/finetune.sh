@@ -9,6 +9,5 @@ MLPMEM=${MLPMEM:-.venv/bin/mlpmem}
 "$MLPMEM" finetune --run-dir runs/quick --method cpt
 "$MLPMEM" finetune --run-dir runs/quick --method lora
 "$MLPMEM" run --run-dir runs/quick                                   # adds the cpt / lora rows
-for system in base memory cpt lora; do                               # decode speed: the same greedy prompt
-  "$MLPMEM" generate --run-dir runs/quick --system "$system" --prompt "The capital of France is" --max-new-tokens 32
-done
+"$MLPMEM" loadtest --run-dir runs/quick --load-systems base,memory,cpt,lora --concurrency 1 --load-requests 6 \
+  --load-out runs/quick/loadtest_finetune                          # decode tokens/s, 32 tokens per request
