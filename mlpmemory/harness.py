@@ -28,6 +28,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -205,7 +206,10 @@ class MLPMemoryLM(TemplateLM):
         (context ids, continuation ids) pair; ``greedy=False`` skips the second (returned False)."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         out: list = [None] * len(pairs)
-        with torch.inference_mode():
+        # a system without a lambda decodes with its own weights (cpt, lora: swapped in; base, rag: none);
+        # the mixing systems are scored by _score_batch from the base LM's states and their component
+        weights = self.system.hook(self.lm.model, 0.0) if not self.system.has_lambda else nullcontext()
+        with torch.inference_mode(), weights:
             for start in range(0, len(order), self.batch):
                 idx = order[start:start + self.batch]
                 for i, res in zip(idx, self._score_batch([pairs[i] for i in idx], greedy)):

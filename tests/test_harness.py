@@ -116,6 +116,30 @@ def test_lambda_zero_equals_hflm(run, tiny_tasks, system):
                 assert x == pytest.approx(y, rel=1e-5, abs=1e-4) if isinstance(y, float) else x == y
 
 
+def test_a_fine_tune_equals_hflm_on_its_own_folder(tiny_run, tiny_tasks, tmp_path):
+    """+CPT through the harness (its weights swapped into the base LM) equals HFLM loading the CPT folder."""
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    from mlpmemory.finetune import DIRS, FinetuneSettings, finetune
+    from mlpmemory.harness import MLPMemoryLM
+    from mlpmemory.pipeline import open_run
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    finetune(run, "cpt", FinetuneSettings(tokens=160, windows_per_step=2, micro_windows=1), progress=False)
+    ours = _samples(MLPMemoryLM(run=run, system="cpt"), tiny_tasks)
+    ref = _samples(HFLM(pretrained=str(run.path(DIRS["cpt"])), device="cpu", dtype="float32", batch_size=2),
+                   tiny_tasks)
+    base = _samples(MLPMemoryLM(run=open_run(tiny_run), system="base"), tiny_tasks)
+    assert ours["tiny_rolling"] != base["tiny_rolling"]  # the fine-tune really answers, not the base LM
+    for task in ours:
+        for a, b in zip(ours[task], ref[task], strict=True):
+            for x, y in zip(np.array(a, dtype=object).ravel(), np.array(b, dtype=object).ravel(), strict=True):
+                assert x == pytest.approx(y, rel=1e-5, abs=1e-4) if isinstance(y, float) else x == y
+
+
 @pytest.fixture(scope="module")
 def memory_lm(run):
     from mlpmemory.harness import MLPMemoryLM
