@@ -8,6 +8,7 @@ import pytest
 from helpers import synthetic_text
 
 from mlpmemory.cli import main
+from mlpmemory.errors import MLPMemError
 from mlpmemory.ood import SHINGLE_WORDS, exclude_overlap, resolve
 
 
@@ -26,7 +27,7 @@ def test_resolve(tmp_path):
     f = tmp_path / "news.txt"
     f.write_text("some text")
     assert resolve(str(f), str(tmp_path)) == {"news": f}
-    with pytest.raises(Exception, match="neither a shipped set"):
+    with pytest.raises(MLPMemError, match="neither a shipped set"):
         resolve("nytimes", "wiki")
 
 

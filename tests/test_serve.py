@@ -183,8 +183,11 @@ def test_concurrent_requests_equal_sequential_ones(client, served):
 
 
 def test_sampling_is_reproducible_with_a_seed(client):
-    kw = dict(model="memory", prompt=PROMPTS[2], max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
-    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+    kw = dict(model="memory", prompt=PROMPTS[2], max_tokens=12, temperature=0.9, top_p=0.9)
+    first = client.completions.create(**kw, seed=7).choices[0].text
+    assert client.completions.create(**kw, seed=7).choices[0].text == first
+    others = {client.completions.create(**kw, seed=s).choices[0].text for s in (8, 9, 10)}
+    assert others - {first}  # it really samples: other seeds give other text
 
 
 def _post(served, path, body, **kw):

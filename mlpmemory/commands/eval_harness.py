@@ -44,9 +44,9 @@ class Options:
                      "mlpmem_truthfulqa_mc1/mc2, mlpmem_halueval_qa/dialogue/summarization)")
     lam: float | None = opt(None, "weight of the memory / kNN distribution (default: the lambda chosen on validation "
                                   "by eval-ppl, else the memory's lambda_default / 0.25 for the kNN-LM)")
-    limit: int | None = opt(None, "samples scored per task (default: all)")
-    num_fewshot: int | None = opt(None, "few-shot examples per prompt (default: each task's own)")
-    harness_batch: int = opt(8, "sequences per forward / generate call")
+    limit: int | None = opt(None, "samples scored per task (default: all)", minimum=1)
+    num_fewshot: int | None = opt(None, "few-shot examples per prompt (default: each task's own)", minimum=0)
+    harness_batch: int = opt(8, "sequences per forward / generate call", minimum=1)
     halueval: str | None = opt(None, "HaluEval data: its data folder or one *_data.json file (mlpmem_halueval_* tasks)")
     include_path: str | None = opt(None, "another folder of lm_eval task YAMLs")
 
@@ -55,11 +55,6 @@ class Options:
             raise MLPMemError("--tasks is empty; give lm_eval task names, comma-separated")
         if self.lam is not None and not 0.0 <= self.lam <= 1.0:
             raise MLPMemError(f"--lam must be within [0, 1], got {self.lam}")
-        for name in ("limit", "harness_batch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise MLPMemError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise MLPMemError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise MLPMemError(f"--include-path {self.include_path} is not a folder of task YAMLs")
 

@@ -154,6 +154,29 @@ class System:
         return [self.prompt_with(p, f) for p, f in zip(prompts, found)], found
 
 
+class ScoredByOwnPass(System):
+    """A system eval-ppl scores by its own pass over the test windows (RAG's retrieval, a fine-tune's weights),
+    computed beforehand and given as ``scored``: ``{"logprob": (N,) log-probs of the test tokens, **fields}``;
+    ``fields`` (settings, seconds ...) join its report. :attr:`scored_by` names the function that computes them."""
+
+    scored: dict | None = None
+    scored_by: ClassVar[str] = ""
+
+    def eval_logprobs(self, ds, *, choice=None, batch: int = 4096, progress: bool = True):
+        import numpy as np
+
+        if self.scored is None:
+            raise MLPMemError(f"the {self.name} system scores an eval dir from its own pass ({self.scored_by})")
+        lp = np.asarray(self.scored["logprob"], dtype=np.float64)
+        if lp.shape != (ds.n,):
+            raise MLPMemError(f"the {self.name} log-probs cover {lp.shape[0]} tokens but the test eval dir {ds.path} "
+                              f"has {ds.n}; compute them over the same text and windows")
+        return lp
+
+    def report_fields(self, comps: dict, choice: dict | None) -> dict:
+        return {**{k: v for k, v in (self.scored or {}).items() if k != "logprob"}, "tokens_scored": len(comps["lm"])}
+
+
 from .base import BaseLM  # noqa: E402  (the registry's classes subclass System)
 from .cpt import CPTSystem  # noqa: E402
 from .knn_lm import KNNLMSystem  # noqa: E402
@@ -196,5 +219,5 @@ def systems_for(**components) -> list[System]:
     return [s for s in found if s is not None]
 
 
-__all__ = ["System", "REGISTRY", "names", "get_system", "tuned", "systems_for", "chosen_lambda", "BaseLM",
-           "MemorySystem", "KNNLMSystem", "RAGSystem", "CPTSystem", "LoRASystem"]
+__all__ = ["System", "ScoredByOwnPass", "REGISTRY", "names", "get_system", "tuned", "systems_for", "chosen_lambda",
+           "BaseLM", "MemorySystem", "KNNLMSystem", "RAGSystem", "CPTSystem", "LoRASystem"]

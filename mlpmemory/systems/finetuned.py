@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
-
 from ..errors import MLPMemError
-from . import System
+from . import ScoredByOwnPass
 
 
-class FinetunedSystem(System):
+class FinetunedSystem(ScoredByOwnPass):
     """A fine-tune of the run's base LM (subclasses: :class:`CPTSystem`, :class:`LoRASystem`)."""
 
     method: ClassVar[str] = ""
+    scored_by = "finetuned.cached_finetuned_logprobs"
 
     def __init__(self, tensors: dict | None = None, manifest: dict | None = None, scored: dict | None = None):
         """``tensors``: ``{parameter name: tensor}`` swapped into the base LM; ``manifest``: the fine-tune's;
@@ -58,19 +57,6 @@ class FinetunedSystem(System):
             raise MLPMemError(f"system {self.name} was made from eval-ppl scores only; load it with "
                               f"get_system({self.name!r}).load(run) to decode with it")
         return swapped_parameters(model, self.tensors)
-
-    def eval_logprobs(self, ds, *, choice=None, batch: int = 4096, progress: bool = True):
-        if self.scored is None:
-            raise MLPMemError(f"the {self.name} system scores an eval dir from its own pass "
-                              "(finetuned.cached_finetuned_logprobs)")
-        lp = np.asarray(self.scored["logprob"], dtype=np.float64)
-        if lp.shape != (ds.n,):
-            raise MLPMemError(f"the {self.name} log-probs cover {lp.shape[0]} tokens but the test eval dir {ds.path} "
-                              f"has {ds.n}; compute them over the same text and windows")
-        return lp
-
-    def report_fields(self, comps: dict, choice: dict | None) -> dict:
-        return {**{k: v for k, v in (self.scored or {}).items() if k != "logprob"}, "tokens_scored": len(comps["lm"])}
 
     @classmethod
     def table_name(cls, row: dict) -> str:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..errors import MLPMemError
-from . import System
+from . import ScoredByOwnPass
 
 
-class RAGSystem(System):
+class RAGSystem(ScoredByOwnPass):
     name = "rag"
     label = "+ RAG (in-context)"
     component = "rag"
     transforms_prompt = True
+    scored_by = "rag.cached_ralm_logprobs"
 
     def __init__(self, retriever=None, n_passages: int = 3, template: str | None = None, scored: dict | None = None):
         """``retriever``: a :class:`mlpmemory.rag.BM25Retriever`; ``template``: a format string with
@@ -39,18 +37,6 @@ class RAGSystem(System):
 
             return rag_prompt(passages, prompt)
         return self.template.format(passages="\n\n".join(p.text for p in passages), prompt=prompt)
-
-    def eval_logprobs(self, ds, *, choice=None, batch: int = 4096, progress: bool = True):
-        if self.scored is None:
-            raise MLPMemError("the RAG system scores an eval dir from precomputed log-probs (rag.cached_ralm_logprobs)")
-        lp = np.asarray(self.scored["logprob"], dtype=np.float64)
-        if lp.shape != (ds.n,):
-            raise MLPMemError(f"the RAG log-probs cover {lp.shape[0]} tokens but the test eval dir {ds.path} has "
-                              f"{ds.n}; compute them over the same text and windows")
-        return lp
-
-    def report_fields(self, comps: dict, choice: dict | None) -> dict:
-        return {**{k: v for k, v in (self.scored or {}).items() if k != "logprob"}, "tokens_scored": len(comps["lm"])}
 
     @classmethod
     def table_name(cls, row: dict) -> str:
